@@ -1,0 +1,878 @@
+"""Hymba for OpenAI's Parameter Golf: causal attention and a Mamba selective scan read the same input in
+every block, their outputs are mixed by a learned gate and share one output projection.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # settings: environment variables below
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import random
+import sys
+import time
+import uuid
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+class Hyperparameters:
+    """Every setting comes from an environment variable of the upper-case name, with the default shown."""
+
+    def __init__(self, env=os.environ):
+        def get(name, default, cast=str):
+            return cast(env.get(name.upper(), default))
+
+        self.data_path = get("data_path", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = get("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = get("run_id", str(uuid.uuid4()))
+        self.seed = get("seed", 1337, int)
+        # model
+        self.vocab_size = get("vocab_size", 1024, int)
+        self.num_layers = get("num_layers", 7, int)
+        self.model_dim = get("model_dim", 512, int)
+        self.num_heads = get("num_heads", 8, int)
+        self.num_kv_heads = get("num_kv_heads", 4, int)
+        self.mlp_mult = get("mlp_mult", 4, int)
+        self.logit_softcap = get("logit_softcap", 30.0, float)
+        self.rope_base = get("rope_base", 10000.0, float)
+        self.qk_gain_init = get("qk_gain_init", 1.5, float)
+        self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
+        self.ssm_expand = get("ssm_expand", 1, int)
+        self.ssm_state = get("ssm_state", 8, int)
+        self.ssm_conv = get("ssm_conv", 4, int)
+        self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
+        self.dt_min = get("dt_min", 1e-3, float)
+        self.dt_max = get("dt_max", 1e-1, float)
+        self.scan_impl = get("scan_impl", "auto")  # auto | mamba_ssm | torch
+        self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
+        # training
+        self.train_seq_len = get("train_seq_len", 2048, int)
+        self.train_batch_tokens = get("train_batch_tokens", 524288, int)
+        self.grad_accum_steps = get("grad_accum_steps", 0, int)  # 0: 8 // world_size
+        self.iterations = get("iterations", 20000, int)
+        self.max_wallclock_seconds = get("max_wallclock_seconds", 600.0, float)
+        self.warmdown_frac = get("warmdown_frac", 0.35, float)
+        self.warmup_steps = get("warmup_steps", 20, int)
+        self.train_log_every = get("train_log_every", 200, int)
+        self.val_loss_every = get("val_loss_every", 0, int)
+        self.compile = get("compile", int(torch.cuda.is_available()), int)
+        # optimizers
+        self.matrix_lr = get("matrix_lr", 0.04, float)
+        self.scalar_lr = get("scalar_lr", 0.04, float)
+        self.tied_embed_lr = get("tied_embed_lr", 0.05, float)
+        self.muon_momentum = get("muon_momentum", 0.95, float)
+        self.muon_momentum_warmup_start = get("muon_momentum_warmup_start", 0.85, float)
+        self.muon_momentum_warmup_steps = get("muon_momentum_warmup_steps", 500, int)
+        self.muon_wd = get("muon_wd", 0.04, float)
+        self.beta1 = get("beta1", 0.9, float)
+        self.beta2 = get("beta2", 0.95, float)
+        self.adam_eps = get("adam_eps", 1e-8, float)
+        self.grad_clip_norm = get("grad_clip_norm", 0.0, float)
+        self.ema_decay = get("ema_decay", 0.997, float)
+        # evaluation and export
+        self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
+        self.eval_stride = get("eval_stride", 64, int)  # 0: flat windows only
+        self.val_batch_tokens = get("val_batch_tokens", 524288, int)
+        self.artifact_path = get("artifact_path", "final_model.int6.ptz")
+
+    @property
+    def train_files(self):
+        return os.path.join(self.data_path, "fineweb_train_*.bin")
+
+    @property
+    def val_files(self):
+        return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
+    """Approximate the orthogonal factor U V^T of g with a quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
+    Each rank orthogonalises every world_size-th matrix and one all-reduce shares the results."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# ----------------------------------------------------------------------------- tokenizer-agnostic evaluation
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path} not found (TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.get_piece_size() != vocab_size:
+        raise ValueError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def byte_luts(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token id: UTF-8 bytes of its piece without a leading '▁', whether it had one, and whether it is a
+    boundary (control/unknown/unused) token after which that '▁' does not count as a space byte."""
+    n = sp.get_piece_size()
+    base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.ones(n, bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base, space, boundary))
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+    base, space, boundary = luts
+    return base[tgt] + (space[tgt] & ~boundary[prev]).long()
+
+
+def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) of windows over n input positions: every position is scored exactly once,
+    each after at least seq_len - stride positions of context (all before it in the first window)."""
+    if stride <= 0 or stride >= seq_len:
+        return [(s, s) for s in range(0, n, seq_len)]
+    windows = [(0, 0)]
+    while windows[-1][0] + seq_len < n:
+        start = windows[-1][0] + stride
+        windows.append((start, start + seq_len - stride))
+    return windows
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
+    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
+    device = luts[0].device
+    n = val_tokens.numel() - 1
+    windows = eval_windows(n, seq_len, stride)
+    per_rank = -(-len(windows) // world)
+    mine = windows[rank * per_rank : (rank + 1) * per_rank]
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
+    model.eval()
+    for i in range(0, max(len(mine), 1), batch_seqs):
+        batch = mine[i : i + batch_seqs]
+        x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
+        y = torch.zeros_like(x)
+        scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
+        for j, (start, first) in enumerate(batch):
+            end = min(start + seq_len, n)
+            x[j, : end - start] = val_tokens[start:end]
+            y[j, : end - start] = val_tokens[start + 1 : end + 1]
+            scored[j, first - start : end - start] = True
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        sums[0] += nll[scored].double().sum()
+        sums[1] += scored.sum()
+        sums[2] += target_bytes(x, y, luts)[scored].sum()
+    model.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes
+
+
+# ----------------------------------------------------------------------------- data
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    """Tokens of one shard as uint16, after checking the header, the size and the token range."""
+    size = os.path.getsize(path)
+    if size < 4 * HEADER_INTS:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {4 * HEADER_INTS}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if size != 4 * HEADER_INTS + 2 * count:
+        raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), file has {size} bytes")
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=4 * HEADER_INTS)
+    if count and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_paths(pattern: str) -> list[str]:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no shards match {pattern}")
+    return paths
+
+
+def load_validation_tokens(pattern: str, vocab_size: int) -> Tensor:
+    return torch.from_numpy(np.concatenate([load_shard(p, vocab_size) for p in shard_paths(pattern)]).astype(np.int64))
+
+
+class TokenLoader:
+    """Reads the train shards as one endless stream; each micro-batch takes world_size * (local + 1) tokens
+    and every rank keeps its own slice, so any world size sees the same tokens in the same order."""
+
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world: int):
+        self.paths, self.vocab_size, self.rank, self.world = shard_paths(pattern), vocab_size, rank, world
+        self.file, self.pos = 0, 0
+        self.tokens = load_shard(self.paths[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.file, self.pos = (self.file + 1) % len(self.paths), 0
+                self.tokens = load_shard(self.paths[self.file], self.vocab_size)
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+    def next_batch(self, local_tokens: int, seq_len: int, device) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.take(span * self.world)[self.rank * span : (self.rank + 1) * span]
+        chunk = torch.from_numpy(chunk.astype(np.int64)).to(device, non_blocking=True)
+        return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+
+
+# ----------------------------------------------------------------------------- selective scan and causal conv
+# Mamba-1 recurrence per channel d and state n, with dt = softplus(delta + delta_bias):
+#     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    out_t = y_t silu(z_t)
+# Backends share one signature in the (batch, channels, time) layout of mamba-ssm's kernel and are custom ops
+# with registered autograd, so torch.compile traces the model in one graph around them.
+
+
+def linear_scan(a: Tensor, b: Tensor) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t along dim 1 from h_{-1} = 0, exactly (no division by decays): time is cut into
+    ~sqrt(T) chunks scanned side by side, then the chunk-entry states are carried across and added back."""
+    T = a.size(1)
+    L = 1 << (max(T, 1).bit_length() - 1) // 2  # power of two near sqrt(T): no padding for power-of-two lengths
+    nc = -(-T // L)
+    if nc * L != T:
+        pad = [0, 0] * (a.dim() - 2) + [0, nc * L - T]
+        a, b = F.pad(a, pad), F.pad(b, pad)
+    a, b = a.unflatten(1, (nc, L)), b.unflatten(1, (nc, L))
+    h, decay = torch.empty_like(b), torch.empty_like(a)
+    h[:, :, 0], decay[:, :, 0] = b[:, :, 0], a[:, :, 0]
+    for i in range(1, L):
+        torch.addcmul(b[:, :, i], a[:, :, i], h[:, :, i - 1], out=h[:, :, i])
+        torch.mul(a[:, :, i], decay[:, :, i - 1], out=decay[:, :, i])
+    entry = torch.zeros_like(h[:, :, 0])
+    for c in range(1, nc):
+        torch.addcmul(h[:, c - 1, -1], decay[:, c - 1, -1], entry[:, c - 1], out=entry[:, c])
+    h.addcmul_(decay, entry.unsqueeze(2))
+    return h.flatten(1, 2)[:, :T]
+
+
+def _f32(x: Tensor) -> Tensor:
+    """At least fp32 (fp64 stays fp64, for exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _scan_terms(u, delta, A, B, C, delta_bias):
+    """Shared by the torch forward and backward: the recurrence in fp32, (batch, time, ...) layout."""
+    dt = F.softplus(_f32(delta) + delta_bias[:, None]).transpose(1, 2)
+    uf, Bt, Ct = _f32(u).transpose(1, 2), _f32(B).transpose(1, 2), _f32(C).transpose(1, 2)
+    a = torch.exp(dt.unsqueeze(-1) * A)
+    h = linear_scan(a, (dt * uf).unsqueeze(-1) * Bt.unsqueeze(2))
+    return dt, uf, Bt, Ct, a, h
+
+
+@torch.library.custom_op("hymba::scan_fwd", mutates_args=())
+def torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                   delta_bias: Tensor) -> Tensor:
+    _, uf, _, Ct, _, h = _scan_terms(u, delta, A, B, C, delta_bias)
+    y = torch.einsum("btdn,btn->btd", h, Ct) + D * uf
+    return (y * F.silu(_f32(z).transpose(1, 2))).transpose(1, 2).to(u.dtype).contiguous()
+
+
+@torch_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("hymba::scan_bwd", mutates_args=())
+def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                   delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dt, uf, Bt, Ct, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
+    zf, do = _f32(z).transpose(1, 2), _f32(dout).transpose(1, 2)
+    y = torch.einsum("btdn,btn->btd", h, Ct) + D * uf
+    sz = torch.sigmoid(zf)
+    dz = do * y * sz * (1 + zf * (1 - sz))
+    dy = do * zf * sz
+    # dL/dh_t = a_{t+1} dL/dh_{t+1} + dy_t C_t: the same scan run backwards in time
+    g = linear_scan(a.roll(-1, 1).flip(1), (dy.unsqueeze(-1) * Ct.unsqueeze(2)).flip(1)).flip(1)
+    dlog_a = g * F.pad(h[:, :-1], (0, 0, 0, 0, 1, 0)) * a
+    gB = torch.einsum("btdn,btn->btd", g, Bt)
+    ddt = torch.einsum("btdn,dn->btd", dlog_a, A) + gB * uf
+    ddelta = ddt * torch.sigmoid(_f32(delta) + delta_bias[:, None]).transpose(1, 2)
+    grads = (
+        (dy * D + dt * gB).transpose(1, 2).to(u.dtype),
+        ddelta.transpose(1, 2).to(delta.dtype),
+        torch.einsum("btdn,btd->dn", dlog_a, dt),
+        torch.einsum("btdn,btd->bnt", g, dt * uf).to(B.dtype),
+        torch.einsum("btdn,btd->bnt", h, dy).to(C.dtype),
+        (dy * uf).sum((0, 1)),
+        dz.transpose(1, 2).to(z.dtype),
+        ddelta.sum((0, 1)),
+    )
+    return tuple(t.contiguous() for t in grads)
+
+
+@torch_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias):
+    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
+                                 setup_context=_save_inputs)
+
+
+@torch.library.custom_op("hymba::mamba_scan_fwd", mutates_args=())
+def mamba_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                   delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import selective_scan_cuda
+
+    out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, True)
+    return out_z, out, states
+
+
+@mamba_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias):
+    b, d, t = u.shape
+    return torch.empty_like(u), torch.empty_like(u), u.new_empty(b, d, -(-t // 2048), 2 * A.size(1), dtype=torch.float32)
+
+
+@torch.library.custom_op("hymba::mamba_scan_bwd", mutates_args=())
+def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                   delta_bias: Tensor, out: Tensor, states: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    import selective_scan_cuda
+
+    du, ddelta, dA, dB, dC, dD, dbias, dz = selective_scan_cuda.bwd(
+        u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, dout, states, out, None, True, False)
+    return du, ddelta, dA, dB.squeeze(1).contiguous(), dC.squeeze(1).contiguous(), dD, dz, dbias
+
+
+@mamba_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, out, states):
+    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _mamba_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1], output[2])
+
+
+mamba_scan_fwd.register_autograd(lambda ctx, dout, *_: mamba_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
+                                 setup_context=_mamba_setup)
+
+
+def mamba_scan(u, delta, A, B, C, D, z, delta_bias):
+    return mamba_scan_fwd(u, delta, A, B, C, D, z, delta_bias)[0]
+
+
+def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(depthwise causal conv) of x (batch, time, channels) as a sum of shifted copies (fuses under compile)."""
+    k, T = weight.size(1), x.size(1)
+    xp = F.pad(x, (0, 0, k - 1, 0))
+    weight = weight.to(x.dtype)
+    y = bias.to(x.dtype) + sum(xp[:, i : i + T] * weight[:, i] for i in range(k))
+    return F.silu(y)
+
+
+def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    from causal_conv1d import causal_conv1d_fn
+
+    return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
+
+
+def _cuda_extension_error(module: str) -> str | None:
+    """None when the compiled extension imports, else why not (mamba-ssm raises at import without it)."""
+    try:
+        __import__(module)
+        return None
+    except Exception as e:  # ImportError, or OSError from a build that does not match this torch/CUDA
+        return f"{type(e).__name__}: {e}"
+
+
+def resolve_backends(scan_impl: str, conv_impl: str, device: torch.device):
+    """(scan_fn, conv_fn, description); 'auto' takes the CUDA package where it imports, else the torch code."""
+    choices = {
+        "scan": (scan_impl, "mamba_ssm", "selective_scan_cuda", mamba_scan, torch_scan_fwd),
+        "conv": (conv_impl, "causal_conv1d", "causal_conv1d", causal_conv_cuda, causal_conv_torch),
+    }
+    picked, notes = [], []
+    for kind, (want, package, module, fast, own) in choices.items():
+        if want not in ("auto", package, "torch"):
+            raise ValueError(f"{kind.upper()}_IMPL={want}: expected auto, {package} or torch")
+        error = "not a CUDA device" if device.type != "cuda" else None if want == "torch" else _cuda_extension_error(module)
+        if want == package and error:
+            raise RuntimeError(f"{kind.upper()}_IMPL={package} but it cannot run here: {error}")
+        use_fast = want != "torch" and error is None
+        picked.append(fast if use_fast else own)
+        notes.append(f"{kind}:{package if use_fast else 'torch'}" + (f" ({package} unavailable: {error})" if want == "auto" and error else ""))
+    return picked[0], picked[1], " ".join(notes)
+
+
+def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias):
+    """The scan in the model's (batch, time, channels) layout."""
+    t = lambda v: v.to(u.dtype).transpose(1, 2).contiguous()
+    return scan_fn(t(u), t(delta), A.float(), t(B), t(C), D.float(), t(z), delta_bias.float()).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- model: Hymba block, GPT
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, used in the activations' dtype."""
+
+    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
+        super().__init__(fan_in, fan_out, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
+    angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class HymbaMixer(nn.Module):
+    """Attention and a Mamba branch on the same normalised input, merged as w*attn + (1-w)*mamba with
+    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection."""
+
+    def __init__(self, args: Hyperparameters, scan_fn, conv_fn):
+        super().__init__()
+        dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        if dim % self.heads or self.heads % self.kv_heads:
+            raise ValueError("MODEL_DIM must divide by NUM_HEADS and NUM_HEADS by NUM_KV_HEADS")
+        self.head_dim = dim // self.heads
+        self.d_inner, self.d_state, self.dt_rank = args.ssm_expand * dim, args.ssm_state, args.ssm_dt_rank
+        self.scan_fn, self.conv_fn = scan_fn, conv_fn
+        kv_dim = self.kv_heads * self.head_dim
+        self.splits = (kv_dim, kv_dim, self.d_inner, self.d_inner)
+        self.q_proj = CastedLinear(dim, dim)
+        self.in_proj = CastedLinear(dim, sum(self.splits))  # [K | V | x_ssm | z]
+        self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
+        self.register_buffer("inv_freq", args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim), persistent=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-args.ssm_conv**-0.5, args.ssm_conv**-0.5))
+        self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
+        self.x_proj = CastedLinear(self.d_inner, self.dt_rank + 2 * self.d_state)
+        self.dt_proj = CastedLinear(self.dt_rank, self.d_inner)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        # Mamba's dt init: dt log-uniform in [dt_min, dt_max], bias = softplus^-1(dt)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(args.dt_max) - math.log(args.dt_min)) + math.log(args.dt_min))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D_skip = nn.Parameter(torch.ones(self.d_inner))
+        self.ssm_out = CastedLinear(self.d_inner, dim)
+        self.merge_alpha = nn.Parameter(torch.zeros(()))
+        self.out_proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        k, v, xs, z = self.in_proj(x).split(self.splits, dim=-1)
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = rotary(norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[:, None, None]
+        k = rotary(norm(k), self.inv_freq)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        attn = attn.transpose(1, 2).reshape(B, T, -1)
+        u = self.conv_fn(xs, self.conv_weight, self.conv_bias)
+        dt_low, Bm, Cm = self.x_proj(u).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
+        y = selective_scan(self.scan_fn, u, self.dt_proj(dt_low), -torch.exp(self.A_log.float()), Bm, Cm,
+                           self.D_skip, z, self.dt_bias)
+        w = torch.sigmoid(self.merge_alpha).to(attn.dtype)
+        return self.out_proj(w * attn + (1 - w) * self.ssm_out(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mult * dim)
+        self.proj = CastedLinear(mult * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, scan_fn, conv_fn):
+        super().__init__()
+        self.mixer = HymbaMixer(args, scan_fn, conv_fn)
+        self.mlp = MLP(args.model_dim, args.mlp_mult)
+        self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters, scan_fn=torch_scan_fwd, conv_fn=causal_conv_torch):
+        super().__init__()
+        self.softcap = args.logit_softcap
+        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn) for _ in range(args.num_layers))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits (softcapped), or the mean cross-entropy when targets are given."""
+        x = norm(self.tok_emb(idx))
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(norm(x), self.tok_emb.weight.to(x.dtype))
+        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ----------------------------------------------------------------------------- quantization and export
+# Large block matrices: int6 per row, each row's clip chosen from a few ratios of its max by squared error.
+# The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor: fp16.
+
+INT6_MIN_NUMEL = 65536
+SSM_SENSITIVE = ("A_log", "dt_proj", "dt_bias", "conv_", "D_skip")
+CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
+SIZE_CAP_BYTES = 16_000_000
+
+
+def export_kind(name: str, t: Tensor) -> str:
+    if name == "tok_emb.weight":
+        return "int8"
+    if t.dim() == 2 and t.numel() >= INT6_MIN_NUMEL and not any(s in name for s in SSM_SENSITIVE):
+        return "int6"
+    return "fp16"
+
+
+def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization to [-qmax, qmax] with an fp16 scale per row, clip searched per row."""
+    w = w.float()
+    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    best_q, best_s, best_err = None, None, None
+    for ratio in CLIP_RATIOS:
+        s = (amax * ratio / qmax).half().float()
+        q = torch.clamp(torch.round(w / s), -qmax, qmax)
+        err = (q * s - w).square().sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_s.squeeze(1).half()
+
+
+def serialize(state: dict[str, Tensor]) -> bytes:
+    """Quantized tensors as a JSON index and raw little-endian bytes, then the smallest available compression."""
+    index, blobs = [], []
+    for name, t in state.items():
+        kind = export_kind(name, t)
+        if kind == "fp16":
+            blobs.append(t.detach().cpu().half().numpy().tobytes())
+        else:
+            q, s = quantize_rows(t.detach().cpu().reshape(t.size(0), -1), 31 if kind == "int6" else 127)
+            blobs += [q.numpy().tobytes(), s.numpy().tobytes()]
+        index.append([name, kind, list(t.shape)])
+    header = json.dumps(index).encode()
+    payload = len(header).to_bytes(4, "little") + header + b"".join(blobs)
+    candidates = [b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)]
+    try:
+        import zstandard
+
+        candidates.append(b"Z" + zstandard.ZstdCompressor(level=22).compress(payload))
+    except ImportError:
+        pass
+    return min(candidates, key=len)
+
+
+def deserialize(blob: bytes) -> dict[str, Tensor]:
+    if blob[:1] == b"L":
+        payload = lzma.decompress(blob[1:])
+    elif blob[:1] == b"Z":
+        import zstandard
+
+        payload = zstandard.ZstdDecompressor().decompress(blob[1:])
+    else:
+        raise ValueError(f"unknown artifact compression tag {blob[:1]!r}")
+    n = int.from_bytes(payload[:4], "little")
+    offset, state = 4 + n, {}
+    for name, kind, shape in json.loads(payload[4 : 4 + n]):
+        numel = math.prod(shape)
+
+        def read(count, dtype):
+            nonlocal offset
+            a = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+            offset += a.nbytes
+            return torch.from_numpy(a.copy())
+
+        if kind == "fp16":
+            state[name] = read(numel, np.float16).float().view(shape)
+        else:
+            q = read(numel, np.int8).float().view(shape[0], -1)
+            state[name] = (q * read(shape[0], np.float16).float()[:, None]).view(shape)
+    if offset != len(payload):
+        raise ValueError(f"artifact has {len(payload) - offset} trailing bytes")
+    return state
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the last warmdown_frac of the run, then a cosine down to 0."""
+    start = 1.0 - warmdown_frac
+    if progress <= start or warmdown_frac <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - start) / warmdown_frac)))
+
+
+def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
+    """Muon for the blocks' projection matrices; Adam for the embedding and every other parameter
+    (gains, scales, conv, A_log, D, dt bias), which Muon's orthogonalised updates would distort."""
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+    seen = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    others = [p for p in model.parameters() if id(p) not in seen]
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
+    optimizers = [
+        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": args.tied_embed_lr}], **adam),
+        torch.optim.Adam([{"params": others, "lr": args.scalar_lr}], **adam),
+        Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
+    ]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def main():
+    args = Hyperparameters()
+    distributed = "RANK" in os.environ
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    master = rank == 0
+    if args.grad_accum_steps <= 0:
+        if 8 % world:
+            raise ValueError(f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS")
+        args.grad_accum_steps = 8 // world
+    local_tokens, rem = divmod(args.train_batch_tokens, world * args.grad_accum_steps)
+    if rem or local_tokens % args.train_seq_len:
+        raise ValueError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {world} ranks x "
+                         f"{args.grad_accum_steps} micro-steps of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences")
+
+    os.makedirs("logs", exist_ok=True)
+    log_path = f"logs/{args.run_id}.txt"
+
+    def log0(msg: str):
+        if master:
+            print(msg, flush=True)
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
+
+    code = open(__file__, "rb").read()
+    log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
+    log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+         f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
+    log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = byte_luts(sp, device)
+    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
+    log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
+         f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
+
+    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
+    log0(f"backends: {backends}")
+    model = GPT(args, scan_fn, conv_fn).to(device)
+    log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+    train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
+    optimizers = build_optimizers(args, model, fused=device.type == "cuda")
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    val_batch_seqs = max(1, args.val_batch_tokens // (world * args.eval_seq_len))
+
+    def train_step(loader: TokenLoader, step: int, scale: float) -> Tensor:
+        total = torch.zeros((), device=device)
+        for micro in range(args.grad_accum_steps):
+            x, y = loader.next_batch(local_tokens, args.train_seq_len, device)
+            if distributed:
+                train_model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
+            with autocast():
+                loss = train_model(x, y)
+            (loss / args.grad_accum_steps).backward()
+            total += loss.detach() / args.grad_accum_steps
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total
+
+    # Compile and warm up on real batches, then restore the initial weights, optimizer state and loader.
+    if args.warmup_steps > 0:
+        initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
+        warm_loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
+        for step in range(args.warmup_steps):
+            train_step(warm_loader, step, 1.0)
+        model.load_state_dict(initial[0])
+        for opt, state in zip(optimizers, initial[1]):
+            opt.load_state_dict(state)
+        log0(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
+
+    loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
+    ema = [p.detach().float().clone() for p in model.parameters()]
+    train_ms, step, stop = 0.0, 0, False
+    sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
+    sync()
+    t0 = time.perf_counter()
+    while not stop:
+        progress = step / args.iterations
+        if args.max_wallclock_seconds > 0:
+            progress = max(progress, train_ms / (1000 * args.max_wallclock_seconds))
+        loss = train_step(loader, step, lr_scale(progress, args.warmdown_frac))
+        step += 1
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
+        sync()
+        elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), device=device, dtype=torch.float64)
+        if distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        train_ms = elapsed.item()
+        step_avg = train_ms / step
+        stop = step >= args.iterations or (
+            args.max_wallclock_seconds > 0 and train_ms + step_avg > 1000 * args.max_wallclock_seconds)
+        if step % args.train_log_every == 0 or step <= 10 or stop:
+            log0(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms step_avg:{step_avg:.2f}ms")
+        if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
+            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+            log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
+        t0 = time.perf_counter()  # what ran since the step (logging, validation) is not training time
+    log0(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms"
+         + (f" peak_memory:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device.type == "cuda" else ""))
+
+    # The exported weights are the EMA.
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), ema):
+            p.copy_(e)
+    t = time.perf_counter()
+    vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+    log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
+
+    if master:
+        blob = serialize(model.state_dict())
+        with open(args.artifact_path, "wb") as f:
+            f.write(blob)
+    if distributed:
+        dist.barrier()
+    artifact_bytes = os.path.getsize(args.artifact_path)
+    total = artifact_bytes + len(code)
+    log0(f"Serialized model int6+{'lzma' if open(args.artifact_path, 'rb').read(1) == b'L' else 'zstd'}: {artifact_bytes} bytes")
+    log0(f"Total submission size int6: {total} bytes (code {len(code)} + model {artifact_bytes}; cap {SIZE_CAP_BYTES})")
+    over_cap = total > SIZE_CAP_BYTES
+    if over_cap:
+        log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
+
+    with open(args.artifact_path, "rb") as f:
+        model.load_state_dict(deserialize(f.read()))
+    t = time.perf_counter()
+    vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+    log0(f"final_roundtrip_flat val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
+    if 0 < args.eval_stride < args.eval_seq_len:
+        t = time.perf_counter()
+        vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, args.eval_stride, val_batch_seqs, rank, world)
+        log0(f"final_roundtrip_sliding stride:{args.eval_stride} eval_time:{time.perf_counter() - t:.1f}s")
+    log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    if distributed:
+        dist.destroy_process_group()
+    if over_cap:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
