@@ -53,7 +53,7 @@ def train_tokenizer(docs, prefix: str, vocab_size: int) -> str:
         sentence_iterator=iter(docs), model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=1 << 16,
-        train_extremely_large_corpus=False, minloglevel=2)
+        minloglevel=2)
     return prefix + ".model"
 
 

@@ -1,0 +1,45 @@
+"""Shared test helpers: a tokenizer, a small corpus and shards, and a way to run the script."""
+import os
+import subprocess
+import sys
+
+import build_shards
+import sentencepiece as spm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+OFFICIAL_TOKENIZER = os.path.join(SHARED, "tokenizers", "fineweb_1024_bpe.model")
+
+TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", SSM_DT_RANK="4",
+                TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1",
+                EVAL_STRIDE="0", VAL_BATCH_TOKENS="8192", COMPILE="0", MAX_WALLCLOCK_SECONDS="0")
+
+
+def corpus():
+    from demo import stdlib_docstrings
+
+    return stdlib_docstrings()
+
+
+def make_dataset(tmp, docs=None, tokenizer=None, val_docs=200, shard_tokens=60_000):
+    """Shards of stdlib docstrings under tmp/data with the official tokenizer when present, else one trained here."""
+    docs = docs or corpus()
+    if tokenizer is None:
+        tokenizer = OFFICIAL_TOKENIZER if os.path.exists(OFFICIAL_TOKENIZER) else \
+            build_shards.train_tokenizer(docs[val_docs:], os.path.join(tmp, "tok", "sp1024"), 1024)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    data = os.path.join(tmp, "data")
+    build_shards.build(docs[:3000], sp, data, val_docs=val_docs, shard_tokens=shard_tokens)
+    return data, tokenizer
+
+
+def run_script(cwd, env, nproc=1, check=True):
+    env = {**os.environ, **env}
+    env.pop("RANK", None)
+    script = os.path.join(ROOT, "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

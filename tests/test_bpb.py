@@ -1,0 +1,64 @@
+"""Tokenizer-agnostic scoring: byte accounting and the windows that score every token exactly once."""
+import json
+import lzma
+import math
+import os
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
+from helpers import SHARED, corpus
+
+
+def real_documents(n=300):
+    path = os.path.join(SHARED, "data", "proxy_docs", "docs_val.jsonl.xz")
+    if os.path.exists(path):
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(next(f))["text"] for _ in range(n)]
+    return corpus()[:n]
+
+
+def test_byte_luts_count_the_utf8_bytes_of_the_decoded_text(dataset):
+    _, tokenizer = dataset
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    luts = tg.byte_luts(sp, "cpu")
+    docs = real_documents()
+    assert any(ord(c) > 127 for d in docs for c in d), "want non-ASCII text in the sample"
+    for doc in docs:
+        ids = sp.encode(doc)
+        stream = torch.tensor([1] + ids)  # each document follows BOS in the shards
+        counted = tg.target_bytes(stream[:-1], stream[1:], luts).sum().item()
+        assert counted == len(sp.decode(ids).encode("utf-8")), doc[:80]
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(1, 8, 0), (100, 8, 0), (100, 8, 3), (64, 16, 4), (65, 16, 4),
+                                               (10, 16, 4), (1000, 128, 64), (33, 32, 32)])
+def test_windows_score_every_position_once(n, seq_len, stride):
+    scored = torch.zeros(n, dtype=torch.long)
+    for start, first in tg.eval_windows(n, seq_len, stride):
+        end = min(start + seq_len, n)
+        assert start <= first < end
+        scored[first:end] += 1
+        if start > 0 and 0 < stride < seq_len:
+            assert first - start >= seq_len - stride  # every scored token has that much context
+    assert (scored == 1).all()
+
+
+class Uniform(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(*x.shape, 1024)
+
+
+def test_evaluate_is_exact_on_a_known_model(dataset):
+    """Uniform logits: loss ln(1024) per token, and bpb = tokens * log2(1024) / bytes of the whole split."""
+    data, tokenizer = dataset
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    luts = tg.byte_luts(sp, "cpu")
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)
+    n_bytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
+    for stride in (0, 64):
+        loss, bpb = tg.evaluate(Uniform(), val, luts, seq_len=256, stride=stride, batch_seqs=7, rank=0, world=1)
+        assert loss == pytest.approx(math.log(1024), rel=1e-7)  # fp32 cross-entropy
+        assert bpb == pytest.approx((val.numel() - 1) * 10 / n_bytes, rel=1e-7)

@@ -1,0 +1,96 @@
+"""Model causality, optimizer assignment, LR schedule, and the quantized export."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def small_args(**kw):
+    args = tg.Hyperparameters({})
+    args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.ssm_dt_rank, args.mlp_mult = 2, 64, 4, 2, 8, 2
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = tg.GPT(small_args())
+    for block in model.blocks:  # zero-initialised projections would hide the mixer
+        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    x = torch.randint(0, 1024, (2, 40))
+    base = model(x)
+    for t in (0, 17, 39):
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 1) % 1024
+        out = model(x2)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+def test_optimizer_assignment():
+    model = tg.GPT(small_args())
+    adam, muon = tg.build_optimizers(small_args(), model, fused=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = [names[id(p)] for p in muon.param_groups[0]["params"]]
+    assert not any(s in n for n in muon_names for s in tg.SSM_SENSITIVE)  # no A_log, dt, conv or D under Muon
+    assert all(p.dim() == 2 for p in muon.param_groups[0]["params"]) and len(muon_names) == 2 * 7
+    ssm_group = adam.param_groups[1]
+    assert ssm_group["lr"] == small_args().ssm_lr and {names[id(p)].split(".")[-1] for p in ssm_group["params"]} == \
+        {"A_log", "weight", "dt_bias", "conv_weight", "conv_bias", "D_skip"}
+    assert sum(len(g["params"]) for o in (adam, muon) for g in o.param_groups) == len(names)
+
+
+def test_lr_schedule():
+    assert tg.lr_scale(0.0, 0.4) == 1.0 and tg.lr_scale(0.6, 0.4) == 1.0
+    assert tg.lr_scale(0.8, 0.4) == pytest.approx(0.5)
+    assert tg.lr_scale(1.0, 0.4) == pytest.approx(0.0) and tg.lr_scale(1.3, 0.4) == pytest.approx(0.0)
+    assert tg.lr_scale(0.99, 0.0) == 1.0
+
+
+def test_quantize_rows_beats_plain_absmax():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 300)) * torch.rand(64, 1)  # heavy tails: clipping pays
+    for qmax in (31, 127):
+        q, s = tg.quantize_rows(w, qmax)
+        assert q.dtype == torch.int8 and q.abs().max() <= qmax and s.dtype == torch.float16
+        err = (q.float() * s.float()[:, None] - w).square().sum(1)
+        s_abs = (w.abs().amax(1, keepdim=True) / qmax).half().float()
+        err_abs = ((w / s_abs).round().clamp(-qmax, qmax) * s_abs - w).square().sum(1)
+        assert (err <= err_abs * (1 + 1e-6)).all()
+        if qmax == 31:
+            assert (err < 0.95 * err_abs).sum() >= 8
+
+
+def test_export_round_trip_and_byte_accounting():
+    torch.manual_seed(0)
+    state = tg.GPT(small_args(model_dim=256)).state_dict()
+    kinds = {n: tg.export_kind(n, t) for n, t in state.items()}
+    assert kinds["tok_emb.weight"] == "int8" and kinds["blocks.0.mlp.fc.weight"] == "int6"
+    assert {kinds[n] for n in state if any(s in n for s in tg.SSM_SENSITIVE)} == {"fp16"}
+    blob = tg.serialize(state)
+    import lzma, json
+    payload = lzma.decompress(blob[1:])
+    header_len = int.from_bytes(payload[:4], "little")
+    body = sum(t.numel() * 2 if kinds[n] == "fp16" else t.numel() + 2 * t.size(0) for n, t in state.items())
+    assert len(payload) == 4 + header_len + body
+    assert [row[0] for row in json.loads(payload[4 : 4 + header_len])] == list(state)
+    restored = tg.deserialize(blob)
+    for n, t in state.items():
+        r = restored[n]
+        assert r.shape == t.shape and r.dtype == torch.float32
+        if kinds[n] == "fp16":
+            assert torch.equal(r, t.half().float())
+        else:  # exactly q * scale; within half a step wherever the row's clip did not cut
+            q, scale = tg.quantize_rows(t.reshape(t.size(0), -1), 31 if kinds[n] == "int6" else 127)
+            s = scale.float()[:, None]
+            assert torch.equal(r, q.float() * s)
+            inside = t.abs() <= (31 if kinds[n] == "int6" else 127) * s
+            assert ((r - t).abs() <= s / 2 * (1 + 1e-5))[inside].all()
+    with pytest.raises(ValueError, match="unknown artifact compression tag"):
+        tg.deserialize(b"X" + blob[1:])
+    with pytest.raises(ValueError, match="trailing bytes"):
+        tg.deserialize(b"L" + lzma.compress(payload + b"\0"))

@@ -1,0 +1,63 @@
+"""The script end to end on a CPU: a short run learns and scores its reloaded artifact; two gloo processes
+reproduce one process with twice the accumulation; an artifact over the cap fails loudly."""
+import math
+import os
+import re
+
+import pytest
+
+import train_gpt as tg
+from helpers import TINY_ENV, run_script
+
+
+def env_for(dataset, run_id, **kw):
+    data, tokenizer = dataset
+    return {**TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": run_id, **{k: str(v) for k, v in kw.items()}}
+
+
+def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
+    run_script(str(tmp_path), env_for(dataset, "e2e", ITERATIONS=60, EVAL_STRIDE=64, MATRIX_LR=0.02))
+    log = (tmp_path / "logs" / "e2e.txt").read_text()
+    losses = [float(v) for v in re.findall(r"train_loss:(\S+)", log)]
+    assert len(losses) == 60 and abs(losses[0] - math.log(1024)) < 0.1 and sum(losses[-10:]) / 10 < losses[0] - 1.5
+    pre_loss, pre = map(float, re.search(r"pre_export val_loss:(\S+) val_bpb:(\S+)", log).groups())
+    assert pre_loss < math.log(1024) - 1.5
+    flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    final = float(re.search(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    assert abs(flat - pre) < 0.05 and final < flat  # sliding windows give more context than flat ones
+    size = int(re.search(r"Serialized model int6\+\w+: (\d+) bytes", log).group(1))
+    assert size == os.path.getsize(tmp_path / "final_model.int6.ptz")
+    total = int(re.search(r"Total submission size int6: (\d+) bytes", log).group(1))
+    assert total == size + os.path.getsize(tg.__file__)
+    assert "backends: scan:torch" in log and "hyperparameters: {" in log
+
+
+def log_values(path):
+    text = open(path).read()
+    return [float(v) for v in re.findall(r"train_loss:(\S+)", text)], \
+        [float(v) for v in re.findall(r"(?:pre_export|final_roundtrip_flat) val_loss:(\S+)", text)]
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(dataset, tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    run_script(str(tmp_path / "one"), env_for(dataset, "one", ITERATIONS=6, GRAD_ACCUM_STEPS=2))
+    run_script(str(tmp_path / "two"), env_for(dataset, "two", ITERATIONS=6, GRAD_ACCUM_STEPS=1), nproc=2)
+    (loss1, val1), (loss2, val2) = log_values(tmp_path / "one/logs/one.txt"), log_values(tmp_path / "two/logs/two.txt")
+    assert len(loss1) == len(loss2) == 6 and len(val1) == len(val2) == 2
+    assert max(abs(a - b) for a, b in zip(loss1 + val1, loss2 + val2)) <= 2e-4
+    log2 = open(tmp_path / "two/logs/two.txt").read()
+    assert "world_size:2 grad_accum_steps:1" in log2
+
+
+def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
+    for k, v in env_for(dataset, "cap", ITERATIONS=1, WARMUP_STEPS=0).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tg, "SIZE_CAP_BYTES", 1000)
+    with pytest.raises(SystemExit) as e:
+        tg.main()
+    assert e.value.code == 3
+    log = (tmp_path / "logs" / "cap.txt").read_text()
+    assert re.search(r"ERROR: submission is \d+ bytes over the 1000-byte cap", log)
+    assert "final_int8_zlib_roundtrip_exact" in log  # the score is still reported
