@@ -17,7 +17,10 @@ def real_documents(n=300):
     if os.path.exists(path):
         with lzma.open(path, "rt", encoding="utf-8") as f:
             return [json.loads(next(f))["text"] for _ in range(n)]
-    return corpus()[:n]
+    docs = corpus()
+    written_here = ["Naïve café — 東京, 1,234.5 km; emoji 🙂 and tabs\tinside.", " leading space, trailing space ",
+                    "line\n\n  indented\r\nwindows line", "Ünïcödé ∑ ≤ ∞ — ¿qué? « ok »"]
+    return docs[:n] + [d for d in docs if any(ord(c) > 127 for c in d)][:50] + written_here
 
 
 def test_byte_luts_count_the_utf8_bytes_of_the_decoded_text(dataset):
