@@ -1,0 +1,82 @@
+"""tools/summarize.py and tools/plot.py on logs written by the script itself (tiny CPU runs)."""
+import json
+import math
+import re
+
+import pytest
+
+import plot
+import summarize
+from helpers import TINY_ENV, run_script
+
+
+@pytest.fixture(scope="module")
+def logs(dataset, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("runs")
+    data, tokenizer = dataset
+    for seed in (1337, 42, 7):
+        run_script(str(cwd), {**TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": f"seed{seed}",
+                              "SEED": str(seed), "ITERATIONS": "3", "VAL_LOSS_EVERY": "2"})
+    return [str(cwd / "logs" / f"seed{s}.txt") for s in (1337, 42, 7)]
+
+
+def test_submission_json_from_three_seeds(logs, tmp_path):
+    out = tmp_path / "submission.json"
+    summarize.main(logs + ["--out", str(out), "--name", "test", "--reference", "7.5", "7.6", "7.7"])
+    s = json.loads(out.read_text())
+    finals = [tuple(map(float, re.search(r"final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", open(p).read()).groups()))
+              for p in logs]
+    assert s["seeds"] == [1337, 42, 7] and set(s["seed_results"]) == {"1337", "42", "7"}
+    assert s["val_bpb"] == pytest.approx(sum(b for _, b in finals) / 3) and s["val_loss"] == pytest.approx(sum(l for l, _ in finals) / 3)
+    assert s["seed_results"]["42"]["steps"] == 3 and s["seed_results"]["42"]["val_bpb"] == finals[1][1]
+    assert s["bytes_total"] == max(int(re.search(r"Total submission size \S+: (\d+)", open(p).read()).group(1)) for p in logs)
+    assert s["compliance"]["three_seeds"] and s["compliance"]["artifact_under_16mb"] and s["hardware"] == "1x cpu"
+    assert 0 <= s["significance"]["p_value"] <= 1 and s["val_bpb_std"] > 0
+
+
+def edited(path, tmp_path, name, old, new, count=1):
+    text = open(path).read()
+    assert re.search(old, text, re.M), old
+    out = tmp_path / name
+    out.write_text(re.sub(old, new, text, count=count, flags=re.M))
+    return str(out)
+
+
+def test_refusals(logs, tmp_path):
+    def refused(paths, message):
+        with pytest.raises(SystemExit) as e:
+            summarize.main(paths + ["--out", str(tmp_path / "x.json")])
+        assert message in str(e.value), str(e.value)
+
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_text("".join(open(logs[0]).readlines()[:-3]))
+    refused([str(truncated)] + logs[1:], "truncated or not a train_gpt.py log")
+    refused(logs[:2] + [edited(logs[2], tmp_path, "mixed.txt", r'"model_dim": 64', '"model_dim": 96')], "settings differ from")
+    refused(logs[:2] + [edited(logs[2], tmp_path, "code.txt", r"sha256:\w+", "sha256:0123456789abcdef")], "different code")
+    refused(logs[:2] + [edited(logs[2], tmp_path, "big.txt", r"Total submission size int6: \d+", "Total submission size int6: 16000001")],
+            "over the 16000000-byte cap")
+    refused(logs[:2] + [edited(logs[2], tmp_path, "slow.txt", r"^training: 3 steps in \d+ms", "training: 3 steps in 600500ms")],
+            "trained 600.5s, over 600s")
+    refused([logs[0], logs[0]], "repeated seeds")
+
+
+def test_statistics_against_hand_computed_values():
+    for x in (0.1, 0.5, 0.9):
+        assert summarize.incomplete_beta(1, 1, x) == pytest.approx(x, rel=1e-12)
+        assert summarize.incomplete_beta(3, 1, x) == pytest.approx(x**3, rel=1e-12)
+    # Welch with n = 2 and 2 and equal variances has df = 2, where P(T > t) = 1/2 - t / (2 sqrt(2 + t^2))
+    t, df, p = summarize.welch_one_sided([1.0, 1.2], [1.4, 1.6], margin=0.005)
+    t_hand = (1.5 - 0.005 - 1.1) / math.sqrt(0.02 / 2 + 0.02 / 2)
+    assert t == pytest.approx(t_hand) and df == pytest.approx(2.0)
+    assert p == pytest.approx(0.5 - t_hand / (2 * math.sqrt(2 + t_hand**2)), rel=1e-10)
+    # one sample against an exact reference: df = n - 1; a worse mean gives p > 1/2
+    t, df, p = summarize.welch_one_sided([1.5, 1.6, 1.7], [1.0], margin=0.005)
+    assert df == pytest.approx(2.0) and t < 0 and p > 0.5
+
+
+def test_plot_writes_a_png(logs, tmp_path):
+    out = tmp_path / "curves.png"
+    plot.main(logs + ["--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = plot.curves(logs[0])
+    assert [s for s, _, _ in run["train"]] == [1, 2, 3] and [s for s, _, _ in run["val"]] == [2]
