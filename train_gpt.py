@@ -295,8 +295,8 @@ class TokenLoader:
 # ----------------------------------------------------------------------------- selective scan and causal conv
 # Mamba-1 recurrence per channel d and state n, with dt = softplus(delta + delta_bias):
 #     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    out_t = y_t silu(z_t)
-# Backends share one signature in the (batch, channels, time) layout of mamba-ssm's kernel and are custom ops
-# with registered autograd, so torch.compile traces the model in one graph around them.
+# Every backend takes the model's layout, u/delta/z (batch, time, d_inner) and B/C (batch, time, d_state), and
+# is a custom op with registered autograd, so torch.compile traces the model in one graph around it.
 
 
 def linear_scan(a: Tensor, b: Tensor) -> Tensor:
@@ -327,20 +327,19 @@ def _f32(x: Tensor) -> Tensor:
 
 
 def _scan_terms(u, delta, A, B, C, delta_bias):
-    """Shared by the torch forward and backward: the recurrence in fp32, (batch, time, ...) layout."""
-    dt = F.softplus(_f32(delta) + delta_bias[:, None]).transpose(1, 2)
-    uf, Bt, Ct = _f32(u).transpose(1, 2), _f32(B).transpose(1, 2), _f32(C).transpose(1, 2)
+    """Shared by the torch forward and backward: dt, u, B, C, the decays a and the states h, in fp32."""
+    dt = F.softplus(_f32(delta) + delta_bias)
+    uf, Bf, Cf = _f32(u), _f32(B), _f32(C)
     a = torch.exp(dt.unsqueeze(-1) * A)
-    h = linear_scan(a, (dt * uf).unsqueeze(-1) * Bt.unsqueeze(2))
-    return dt, uf, Bt, Ct, a, h
+    return dt, uf, Bf, Cf, a, linear_scan(a, (dt * uf).unsqueeze(-1) * Bf.unsqueeze(2))
 
 
 @torch.library.custom_op("hymba::scan_fwd", mutates_args=())
 def torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                    delta_bias: Tensor) -> Tensor:
-    _, uf, _, Ct, _, h = _scan_terms(u, delta, A, B, C, delta_bias)
-    y = torch.einsum("btdn,btn->btd", h, Ct) + D * uf
-    return (y * F.silu(_f32(z).transpose(1, 2))).transpose(1, 2).to(u.dtype).contiguous()
+    _, uf, _, Cf, _, h = _scan_terms(u, delta, A, B, C, delta_bias)
+    y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
+    return (y * F.silu(_f32(z))).to(u.dtype)
 
 
 @torch_scan_fwd.register_fake
@@ -351,29 +350,21 @@ def _(u, delta, A, B, C, D, z, delta_bias):
 @torch.library.custom_op("hymba::scan_bwd", mutates_args=())
 def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                    delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dt, uf, Bt, Ct, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
-    zf, do = _f32(z).transpose(1, 2), _f32(dout).transpose(1, 2)
-    y = torch.einsum("btdn,btn->btd", h, Ct) + D * uf
+    dt, uf, Bf, Cf, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
+    zf, do = _f32(z), _f32(dout)
+    y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
     sz = torch.sigmoid(zf)
     dz = do * y * sz * (1 + zf * (1 - sz))
     dy = do * zf * sz
     # dL/dh_t = a_{t+1} dL/dh_{t+1} + dy_t C_t: the same scan run backwards in time
-    g = linear_scan(a.roll(-1, 1).flip(1), (dy.unsqueeze(-1) * Ct.unsqueeze(2)).flip(1)).flip(1)
+    g = linear_scan(a.roll(-1, 1).flip(1), (dy.unsqueeze(-1) * Cf.unsqueeze(2)).flip(1)).flip(1)
     dlog_a = g * F.pad(h[:, :-1], (0, 0, 0, 0, 1, 0)) * a
-    gB = torch.einsum("btdn,btn->btd", g, Bt)
+    gB = torch.einsum("btdn,btn->btd", g, Bf)
     ddt = torch.einsum("btdn,dn->btd", dlog_a, A) + gB * uf
-    ddelta = ddt * torch.sigmoid(_f32(delta) + delta_bias[:, None]).transpose(1, 2)
-    grads = (
-        (dy * D + dt * gB).transpose(1, 2).to(u.dtype),
-        ddelta.transpose(1, 2).to(delta.dtype),
-        torch.einsum("btdn,btd->dn", dlog_a, dt),
-        torch.einsum("btdn,btd->bnt", g, dt * uf).to(B.dtype),
-        torch.einsum("btdn,btd->bnt", h, dy).to(C.dtype),
-        (dy * uf).sum((0, 1)),
-        dz.transpose(1, 2).to(z.dtype),
-        ddelta.sum((0, 1)),
-    )
-    return tuple(t.contiguous() for t in grads)
+    ddelta = ddt * torch.sigmoid(_f32(delta) + delta_bias)
+    return ((dy * D + dt * gB).to(u.dtype), ddelta.to(delta.dtype), torch.einsum("btdn,btd->dn", dlog_a, dt),
+            torch.einsum("btdn,btd->btn", g, dt * uf).to(B.dtype), torch.einsum("btdn,btd->btn", h, dy).to(C.dtype),
+            (dy * uf).sum((0, 1)), dz.to(z.dtype), ddelta.sum((0, 1)))
 
 
 @torch_scan_bwd.register_fake
@@ -385,13 +376,13 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
-                                 setup_context=_save_inputs)
+torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors), setup_context=_save_inputs)
 
 
 @torch.library.custom_op("hymba::mamba_scan_fwd", mutates_args=())
 def mamba_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                    delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """mamba-ssm's CUDA kernel, in its own (batch, channels, time) layout."""
     import selective_scan_cuda
 
     out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, True)
@@ -429,7 +420,173 @@ mamba_scan_fwd.register_autograd(lambda ctx, dout, *_: mamba_scan_bwd(dout.conti
 
 
 def mamba_scan(u, delta, A, B, C, D, z, delta_bias):
-    return mamba_scan_fwd(u, delta, A, B, C, D, z, delta_bias)[0]
+    t = lambda v: v.transpose(1, 2).contiguous()
+    return mamba_scan_fwd(t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias)[0].transpose(1, 2)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SCAN_BLOCK_D, SCAN_CHUNK = 32, 64  # channels per Triton program; time steps between stored states
+
+if triton is not None:
+    # One program per (sequence, block of channels) walks time with the state in registers. The forward keeps
+    # the state every SCAN_CHUNK steps; the backward recomputes each chunk's states from there into a small
+    # scratch buffer and walks the chunk backwards.
+
+    @triton.jit
+    def _softplus(x):
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = blk * BD + tl.arange(0, BD)
+        n = tl.arange(0, NP)
+        dm, nm = d < DI, n < N
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
+        Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
+        h = tl.zeros((BD, NP), tl.float32)
+        for c in range(NC):
+            tl.store(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], h, mask=dm[:, None] & nm[None, :])
+            for i in range(K):
+                t = c * K + i
+                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
+                off = (b * T + t) * DI + d
+                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias)
+                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+                tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
+                         scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                         T, DI, NC, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = blk * BD + tl.arange(0, BD)
+        n = tl.arange(0, NP)
+        dm, nm = d < DI, n < N
+        dn = dm[:, None] & nm[None, :]
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn, other=0.0)
+        Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
+        scratch = scratch_ptr + (b * NBLK + blk) * K * BD * NP + tl.arange(0, BD)[:, None] * NP + n[None, :]
+        carry = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1}
+        dA_acc = tl.zeros((BD, NP), tl.float32)
+        dD_acc, dbias_acc = tl.zeros((BD,), tl.float32), tl.zeros((BD,), tl.float32)
+        for cc in range(NC):
+            c = NC - 1 - cc
+            h0 = tl.load(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], mask=dn, other=0.0)
+            h = h0
+            for i in range(K):  # recompute the chunk's states
+                t = c * K + i
+                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
+                off = (b * T + t) * DI + d
+                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias)
+                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(scratch + i * BD * NP, h)
+            tl.debug_barrier()
+            for j in range(K):  # and walk it backwards
+                i = K - 1 - j
+                t = c * K + i
+                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
+                off = (b * T + t) * DI + d
+                h_t = tl.load(scratch + i * BD * NP)
+                h_prev = tl.where(i > 0, tl.load(scratch + tl.maximum(i - 1, 0) * BD * NP), h0)
+                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+                x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias
+                dt = _softplus(x)
+                z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+                dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                a = tl.exp(dt[:, None] * A)
+                y = tl.sum(h_t * Ct[None, :], axis=1) + Dv * u
+                sz = tl.sigmoid(z)
+                dy = dout * z * sz
+                g = dy[:, None] * Ct[None, :] + carry  # dL/dh_t
+                dlog_a = g * h_prev * a
+                gB = tl.sum(g * Bt[None, :], axis=1)
+                ddelta = (tl.sum(dlog_a * A, axis=1) + gB * u) * tl.sigmoid(x)
+                tl.store(du_ptr + off, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(ddelta_ptr + off, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
+                tl.store(dz_ptr + off, (dout * y * sz * (1 + z * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+                part = ((b * NBLK + blk) * T + t) * NP + n
+                tl.store(dB_ptr + part, tl.sum(g * (dt * u)[:, None], axis=0), mask=mn)
+                tl.store(dC_ptr + part, tl.sum(h_t * dy[:, None], axis=0), mask=mn)
+                dA_acc += dlog_a * dt[:, None]
+                dD_acc += dy * u
+                dbias_acc += ddelta
+                carry = a * g
+            tl.debug_barrier()
+        tl.store(dA_ptr + (b * DI + d[:, None]) * N + n[None, :], dA_acc, mask=dn)
+        tl.store(dD_ptr + b * DI + d, dD_acc, mask=dm)
+        tl.store(dbias_ptr + b * DI + d, dbias_acc, mask=dm)
+
+
+def _scan_grid(u, A):
+    b, T, di = u.shape
+    return (b, triton.cdiv(di, SCAN_BLOCK_D)), triton.cdiv(T, SCAN_CHUNK), triton.next_power_of_2(A.size(1))
+
+
+@torch.library.custom_op("hymba::triton_scan_fwd", mutates_args=())
+def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                    delta_bias: Tensor) -> tuple[Tensor, Tensor]:
+    grid, nc, np2 = _scan_grid(u, A)
+    out = torch.empty_like(u)
+    ckpt = u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, out, ckpt, u.size(1), u.size(2), nc,
+                           N=A.size(1), NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK)
+    return out, ckpt
+
+
+@triton_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias):
+    nc = -(-u.size(1) // SCAN_CHUNK)
+    return torch.empty_like(u), u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
+
+
+@torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
+def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                    delta_bias: Tensor, ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (b, nblk), nc, np2 = _scan_grid(u, A)
+    T, di, n = u.size(1), u.size(2), A.size(1)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
+    dB, dC = torch.empty(b, nblk, T, np2, **f32), torch.empty(b, nblk, T, np2, **f32)
+    dA, dD, dbias = torch.empty(b, di, n, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
+    scratch = torch.empty(b * nblk * SCAN_CHUNK * SCAN_BLOCK_D * np2, **f32)
+    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, scratch, du, ddelta, dz, dB, dC,
+                                dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK)
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype), dC.sum(1)[..., :n].to(C.dtype), dD.sum(0), dz,
+            dbias.sum(0))
+
+
+@triton_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
+    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _triton_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+triton_scan_fwd.register_autograd(lambda ctx, dout, _: triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
+                                  setup_context=_triton_setup)
+
+
+def triton_scan(u, delta, A, B, C, D, z, delta_bias):
+    c = lambda v: v.contiguous()
+    return triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias))[0]
 
 
 def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -447,8 +604,17 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
-def _cuda_extension_error(module: str) -> str | None:
-    """None when the compiled extension imports, else why not (mamba-ssm raises at import without it)."""
+SCAN_BACKENDS = {"mamba_ssm": (mamba_scan, "selective_scan_cuda"), "triton": (triton_scan, "triton"),
+                 "torch": (torch_scan_fwd, None)}
+CONV_BACKENDS = {"causal_conv1d": (causal_conv_cuda, "causal_conv1d"), "torch": (causal_conv_torch, None)}
+
+
+def _unavailable(module: str | None, device: torch.device) -> str | None:
+    """None when a backend can run here, else why not (mamba-ssm raises at import without its extension)."""
+    if module is None:
+        return None
+    if device.type != "cuda":
+        return "not a CUDA device"
     try:
         __import__(module)
         return None
@@ -457,28 +623,28 @@ def _cuda_extension_error(module: str) -> str | None:
 
 
 def resolve_backends(scan_impl: str, conv_impl: str, device: torch.device):
-    """(scan_fn, conv_fn, description); 'auto' takes the CUDA package where it imports, else the torch code."""
-    choices = {
-        "scan": (scan_impl, "mamba_ssm", "selective_scan_cuda", mamba_scan, torch_scan_fwd),
-        "conv": (conv_impl, "causal_conv1d", "causal_conv1d", causal_conv_cuda, causal_conv_torch),
-    }
+    """(scan_fn, conv_fn, description); 'auto' takes the first backend in table order that can run here."""
     picked, notes = [], []
-    for kind, (want, package, module, fast, own) in choices.items():
-        if want not in ("auto", package, "torch"):
-            raise ValueError(f"{kind.upper()}_IMPL={want}: expected auto, {package} or torch")
-        error = "not a CUDA device" if device.type != "cuda" else None if want == "torch" else _cuda_extension_error(module)
-        if want == package and error:
-            raise RuntimeError(f"{kind.upper()}_IMPL={package} but it cannot run here: {error}")
-        use_fast = want != "torch" and error is None
-        picked.append(fast if use_fast else own)
-        notes.append(f"{kind}:{package if use_fast else 'torch'}" + (f" ({package} unavailable: {error})" if want == "auto" and error else ""))
+    for kind, want, backends in (("scan", scan_impl, SCAN_BACKENDS), ("conv", conv_impl, CONV_BACKENDS)):
+        if want != "auto" and want not in backends:
+            raise ValueError(f"{kind.upper()}_IMPL={want}: expected auto, {', '.join(backends)}")
+        skipped = []
+        for name in backends if want == "auto" else [want]:
+            fn, module = backends[name]
+            why = _unavailable(module, device)
+            if why is None:
+                break
+            if want != "auto":
+                raise RuntimeError(f"{kind.upper()}_IMPL={name} but it cannot run here: {why}")
+            skipped.append(f"{name} unavailable: {why}")
+        picked.append(fn)
+        notes.append(f"{kind}:{name}" + (f" ({'; '.join(skipped)})" if skipped else ""))
     return picked[0], picked[1], " ".join(notes)
 
 
 def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias):
-    """The scan in the model's (batch, time, channels) layout."""
-    t = lambda v: v.to(u.dtype).transpose(1, 2).contiguous()
-    return scan_fn(t(u), t(delta), A.float(), t(B), t(C), D.float(), t(z), delta_bias.float()).transpose(1, 2)
+    cast = lambda v: v.to(u.dtype)
+    return scan_fn(u, cast(delta), A.float(), cast(B), cast(C), D.float(), cast(z), delta_bias.float())
 
 
 # ----------------------------------------------------------------------------- model: Hymba block, GPT

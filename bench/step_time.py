@@ -21,7 +21,7 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch-tokens", type=int, default=65536)
-    p.add_argument("--impls", default="mamba_ssm,torch")
+    p.add_argument("--impls", default="mamba_ssm,triton,torch")
     a = p.parse_args()
     args = tg.Hyperparameters()
     rows = []

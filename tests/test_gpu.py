@@ -1,5 +1,5 @@
-"""CUDA-only checks (skipped elsewhere): mamba-ssm's kernel and the script's own scan agree, standalone and
-inside the model, eager and under torch.compile(fullgraph=True)."""
+"""CUDA-only checks (skipped elsewhere): mamba-ssm's kernel, the Triton kernel and the torch scan agree,
+standalone and inside the model, eager and under torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
@@ -15,8 +15,8 @@ def rel(a, b):
 def scan_inputs(b, d, n, t, dtype):
     g = torch.Generator(device="cuda").manual_seed(b * 1000 + t)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)
-    return [r(b, d, t).to(dtype), (r(b, d, t) - 1).to(dtype), -torch.exp(r(d, n) * 0.5), r(b, n, t).to(dtype),
-            r(b, n, t).to(dtype), r(d), r(b, d, t).to(dtype), r(d) * 0.5 - 2]
+    return [r(b, t, d).to(dtype), (r(b, t, d) - 1).to(dtype), -torch.exp(r(d, n) * 0.5), r(b, t, n).to(dtype),
+            r(b, t, n).to(dtype), r(d), r(b, t, d).to(dtype), r(d) * 0.5 - 2]
 
 
 def grads(fn, inputs, dout):
@@ -25,20 +25,16 @@ def grads(fn, inputs, dout):
     return [out] + list(torch.autograd.grad(out, leaves, dout))
 
 
-@pytest.fixture(scope="module")
-def mamba():
-    scan, _, desc = tg.resolve_backends("mamba_ssm", "torch", torch.device("cuda"))
-    return scan
-
-
+@pytest.mark.parametrize("backend", ["mamba_ssm", "triton"])
 @pytest.mark.parametrize("shape", [(2, 64, 8, 2048), (1, 48, 16, 1000), (3, 40, 4, 37), (1, 32, 8, 2100)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_scan_backends_agree(mamba, shape, dtype, tol):
+def test_scan_backends_agree(backend, shape, dtype, tol):
+    fast_fn = tg.resolve_backends(backend, "torch", torch.device("cuda"))[0]
     inputs = scan_inputs(*shape, dtype)
     dout = torch.randn_like(inputs[0])
-    fast, own = grads(mamba, inputs, dout), grads(tg.torch_scan_fwd, inputs, dout)
+    fast, own = grads(fast_fn, inputs, dout), grads(tg.torch_scan_fwd, inputs, dout)
     errors = [rel(a, b) for a, b in zip(fast, own)]
-    print(shape, dtype, ["%.1e" % e for e in errors])
+    print(backend, shape, dtype, ["%.1e" % e for e in errors])
     assert max(errors) < tol
 
 
@@ -48,13 +44,14 @@ def tiny_args():
     return args
 
 
+@pytest.mark.parametrize("backend", ["mamba_ssm", "triton"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_model_backends_agree(mamba, compiled):
+def test_model_backends_agree(backend, compiled):
     torch.manual_seed(0)
     args = tiny_args()
     x = torch.randint(0, args.vocab_size, (4, args.train_seq_len), device="cuda")
     results = []
-    for scan in (mamba, tg.torch_scan_fwd):
+    for scan in (tg.resolve_backends(backend, "torch", torch.device("cuda"))[0], tg.torch_scan_fwd):
         torch.manual_seed(0)
         model = tg.GPT(args, scan, tg.causal_conv_torch).cuda()
         for blk in model.blocks:  # non-zero output projections so that every gradient is exercised
@@ -69,5 +66,5 @@ def test_model_backends_agree(mamba, compiled):
     assert abs(l1.item() - l2.item()) < 1e-2 * abs(l2.item())
     errors = {n: rel(g1[n], g2[n]) for n in g1}
     worst = max(errors, key=errors.get)
-    print("worst gradient:", worst, errors[worst])
+    print(backend, "compiled" if compiled else "eager", "worst gradient:", worst, errors[worst])
     assert errors[worst] < 2e-2

@@ -7,20 +7,20 @@ import train_gpt as tg
 
 
 def sequential_scan(u, delta, A, B, C, D, z, delta_bias):
-    """The Mamba-1 recurrence one time step at a time, (batch, channels, time) layout."""
-    dt = F.softplus(delta + delta_bias[:, None])
-    h = torch.zeros(u.size(0), u.size(1), A.size(1), dtype=u.dtype)
+    """The Mamba-1 recurrence one time step at a time; u/delta/z (batch, time, d), B/C (batch, time, n)."""
+    dt = F.softplus(delta + delta_bias)
+    h = torch.zeros(u.size(0), u.size(2), A.size(1), dtype=u.dtype)
     ys = []
-    for t in range(u.size(2)):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
-    return torch.stack(ys, -1) * F.silu(z)
+    for t in range(u.size(1)):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
+    return torch.stack(ys, 1) * F.silu(z)
 
 
 def random_inputs(b, d, n, t, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    return [r(b, d, t), r(b, d, t) - 1, -torch.exp(r(d, n)), r(b, n, t), r(b, n, t), r(d), r(b, d, t), r(d) * 0.5]
+    return [r(b, t, d), r(b, t, d) - 1, -torch.exp(r(d, n)), r(b, t, n), r(b, t, n), r(d), r(b, t, d), r(d) * 0.5]
 
 
 def outputs_and_grads(fn, inputs, dout):
@@ -34,7 +34,7 @@ def outputs_and_grads(fn, inputs, dout):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_own_scan_matches_sequential_recurrence(shape, dtype, tol):
     inputs = random_inputs(*shape, dtype, seed=sum(shape))
-    dout = torch.randn(shape[0], shape[1], shape[3], dtype=dtype)
+    dout = torch.randn(shape[0], shape[3], shape[1], dtype=dtype)
     ours = outputs_and_grads(tg.torch_scan_fwd, inputs, dout)
     ref = outputs_and_grads(sequential_scan, [x.double() for x in inputs], dout.double())
     names = ["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"]
@@ -64,5 +64,5 @@ def test_backend_choice_on_cpu():
     assert scan is tg.torch_scan_fwd and conv is tg.causal_conv_torch and desc.startswith("scan:torch")
     with pytest.raises(RuntimeError, match="SCAN_IMPL=mamba_ssm but it cannot run here"):
         tg.resolve_backends("mamba_ssm", "torch", torch.device("cpu"))
-    with pytest.raises(ValueError, match="CONV_IMPL=cudnn: expected auto, causal_conv1d or torch"):
+    with pytest.raises(ValueError, match="CONV_IMPL=cudnn: expected auto, causal_conv1d, torch"):
         tg.resolve_backends("auto", "cudnn", torch.device("cpu"))
