@@ -326,6 +326,11 @@ def _f32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _empty(*like: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous outputs shaped like the given tensors: every scan op returns contiguous tensors."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like)
+
+
 def _scan_terms(u, delta, A, B, C, delta_bias):
     """Shared by the torch forward and backward: dt, u, B, C, the decays a and the states h, in fp32."""
     dt = F.softplus(_f32(delta) + delta_bias)
@@ -339,12 +344,12 @@ def torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    delta_bias: Tensor) -> Tensor:
     _, uf, _, Cf, _, h = _scan_terms(u, delta, A, B, C, delta_bias)
     y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
-    return (y * F.silu(_f32(z))).to(u.dtype)
+    return (y * F.silu(_f32(z))).to(u.dtype).contiguous()
 
 
 @torch_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias):
-    return torch.empty_like(u)
+    return _empty(u)[0]
 
 
 @torch.library.custom_op("hymba::scan_bwd", mutates_args=())
@@ -362,14 +367,15 @@ def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     gB = torch.einsum("btdn,btn->btd", g, Bf)
     ddt = torch.einsum("btdn,dn->btd", dlog_a, A) + gB * uf
     ddelta = ddt * torch.sigmoid(_f32(delta) + delta_bias)
-    return ((dy * D + dt * gB).to(u.dtype), ddelta.to(delta.dtype), torch.einsum("btdn,btd->dn", dlog_a, dt),
-            torch.einsum("btdn,btd->btn", g, dt * uf).to(B.dtype), torch.einsum("btdn,btd->btn", h, dy).to(C.dtype),
-            (dy * uf).sum((0, 1)), dz.to(z.dtype), ddelta.sum((0, 1)))
+    grads = ((dy * D + dt * gB).to(u.dtype), ddelta.to(delta.dtype), torch.einsum("btdn,btd->dn", dlog_a, dt),
+             torch.einsum("btdn,btd->btn", g, dt * uf).to(B.dtype), torch.einsum("btdn,btd->btn", h, dy).to(C.dtype),
+             (dy * uf).sum((0, 1)), dz.to(z.dtype), ddelta.sum((0, 1)))
+    return tuple(t.contiguous() for t in grads)
 
 
 @torch_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias):
-    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _save_inputs(ctx, inputs, output):
@@ -392,7 +398,7 @@ def mamba_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 @mamba_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias):
     b, d, t = u.shape
-    return torch.empty_like(u), torch.empty_like(u), u.new_empty(b, d, -(-t // 2048), 2 * A.size(1), dtype=torch.float32)
+    return *_empty(u, u), u.new_empty(b, d, -(-t // 2048), 2 * A.size(1), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::mamba_scan_bwd", mutates_args=())
@@ -408,7 +414,7 @@ def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
 
 @mamba_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, out, states):
-    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _mamba_setup(ctx, inputs, output):
@@ -552,7 +558,7 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
 @triton_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias):
     nc = -(-u.size(1) // SCAN_CHUNK)
-    return torch.empty_like(u), u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
+    return _empty(u)[0], u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
@@ -567,13 +573,13 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     scratch = torch.empty(b * nblk * SCAN_CHUNK * SCAN_BLOCK_D * np2, **f32)
     _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, scratch, du, ddelta, dz, dB, dC,
                                 dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK)
-    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype), dC.sum(1)[..., :n].to(C.dtype), dD.sum(0), dz,
-            dbias.sum(0))
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(), dC.sum(1)[..., :n].to(C.dtype).contiguous(),
+            dD.sum(0), dz, dbias.sum(0))
 
 
 @triton_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
-    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _triton_setup(ctx, inputs, output):

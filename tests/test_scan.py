@@ -66,3 +66,15 @@ def test_backend_choice_on_cpu():
         tg.resolve_backends("mamba_ssm", "torch", torch.device("cpu"))
     with pytest.raises(ValueError, match="CONV_IMPL=cudnn: expected auto, causal_conv1d, torch"):
         tg.resolve_backends("auto", "cudnn", torch.device("cpu"))
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) outputs, autograd registration and AOT dispatch of the torch scan ops, on inputs with
+    the strides the model gives them (z, B and C are column slices of wider projections)."""
+    u, delta, A, B, C, D, z, bias = random_inputs(2, 6, 4, 9, torch.float32, seed=3)
+    z = torch.cat([z, torch.randn_like(z)], dim=-1)[..., :6]
+    B, C = torch.cat([B, C], dim=-1).split(4, dim=-1)
+    args = [u, delta, A, B, C, D, z, bias]
+    assert not (z.is_contiguous() or B.is_contiguous())
+    torch.library.opcheck(tg.torch_scan_fwd, [x.detach().requires_grad_() for x in args])
+    torch.library.opcheck(tg.torch_scan_bwd, [torch.randn_like(u)] + args)

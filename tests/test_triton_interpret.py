@@ -22,6 +22,9 @@ for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (
     for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], ours, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
         assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
+tg.SCAN_CHUNK = 4
+args = [x.contiguous().requires_grad_() for x in random_inputs(2, 5, 3, 7, torch.float32, seed=1)]
+torch.library.opcheck(tg.triton_scan_fwd, args)
 print("ok")
 """
 
