@@ -444,8 +444,15 @@ if triton is not None:
     # scratch buffer and walks the chunk backwards.
 
     @triton.jit
-    def _softplus(x):
-        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, t, T, DI, d, n, dm, nm, N: tl.constexpr):
+        """Offsets, masks and the fp32 inputs of time step t (zeros past the end); dt = softplus(x)."""
+        m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
+        off, off_n = (b * T + t) * DI + d, (b * T + t) * N + n
+        u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias
+        Bt = tl.load(B_ptr + off_n, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + off_n, mask=mn, other=0.0).to(tl.float32)
+        return off, m, mn, u, x, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), Bt, Ct
 
     @triton.jit
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -460,13 +467,7 @@ if triton is not None:
         for c in range(NC):
             tl.store(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], h, mask=dm[:, None] & nm[None, :])
             for i in range(K):
-                t = c * K + i
-                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
-                off = (b * T + t) * DI + d
-                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-                dt = _softplus(tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias)
-                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                off, m, _, u, _, dt, Bt, Ct = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, c * K + i, T, DI, d, n, dm, nm, N)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                 y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                 z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -492,29 +493,18 @@ if triton is not None:
             h0 = tl.load(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], mask=dn, other=0.0)
             h = h0
             for i in range(K):  # recompute the chunk's states
-                t = c * K + i
-                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
-                off = (b * T + t) * DI + d
-                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-                dt = _softplus(tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias)
-                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
+                _, _, _, u, _, dt, Bt, _ = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, c * K + i, T, DI, d, n, dm, nm, N)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                 tl.store(scratch + i * BD * NP, h)
             tl.debug_barrier()
             for j in range(K):  # and walk it backwards
                 i = K - 1 - j
                 t = c * K + i
-                m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
-                off = (b * T + t) * DI + d
+                off, m, mn, u, x, dt, Bt, Ct = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, t, T, DI, d, n, dm, nm, N)
                 h_t = tl.load(scratch + i * BD * NP)
                 h_prev = tl.where(i > 0, tl.load(scratch + tl.maximum(i - 1, 0) * BD * NP), h0)
-                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-                x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias
-                dt = _softplus(x)
                 z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
                 dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptr + (b * T + t) * N + n, mask=mn, other=0.0).to(tl.float32)
                 a = tl.exp(dt[:, None] * A)
                 y = tl.sum(h_t * Ct[None, :], axis=1) + Dv * u
                 sz = tl.sigmoid(z)
