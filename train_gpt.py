@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
@@ -57,7 +56,7 @@ class Hyperparameters:
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
         self.dt_min = get("dt_min", 1e-3, float)
         self.dt_max = get("dt_max", 1e-1, float)
-        self.scan_impl = get("scan_impl", "auto")  # auto | mamba_ssm | torch
+        self.scan_impl = get("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
         self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
         self.train_seq_len = get("train_seq_len", 2048, int)

@@ -1,6 +1,5 @@
 """data/cached_challenge_fineweb.py against a local stand-in of the hub's layout (the hub itself is unreachable here)."""
 import json
-import os
 import shutil
 
 import numpy as np

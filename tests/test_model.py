@@ -1,5 +1,4 @@
 """Model causality, optimizer assignment, LR schedule, and the quantized export."""
-import math
 
 import pytest
 import torch
