@@ -85,7 +85,8 @@ class Hyperparameters:
         self.ema_decay = get("ema_decay", 0.997, float)
         # evaluation and export
         self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
-        self.eval_stride = get("eval_stride", 64, int)  # 0: flat windows only
+        self.eval_mode = get("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
+        self.eval_stride = get("eval_stride", 64, int)  # sliding windows' stride
         self.val_batch_tokens = get("val_batch_tokens", 524288, int)
         self.artifact_path = get("artifact_path", "final_model.int6.ptz")
 
@@ -219,14 +220,46 @@ def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_s
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        sums[0] += nll[scored].double().sum()
-        sums[1] += scored.sum()
-        sums[2] += target_bytes(x, y, luts)[scored].sum()
+        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
     model.train()
+    return _reduce_scores(sums, world)
+
+
+def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
     if world > 1:
         dist.all_reduce(sums)
     loss, tokens, nbytes = sums.tolist()
     return loss / tokens, loss / math.log(2) / nbytes
+
+
+@torch.no_grad()
+def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
+    """Exact (val_loss, val_bpb) with the split cut into world * lanes contiguous streams, each read in
+    consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
+    token is scored once, with seq_len tokens of attention context and its stream's whole history in the SSM
+    (less only at the start of a stream). Runs eagerly, with the torch scan (it starts from a state)."""
+    device = luts[0].device
+    n = val_tokens.numel() - 1
+    span = -(-n // (world * lanes))
+    starts = [(rank * lanes + lane) * span for lane in range(lanes)]
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    carry = [{} for _ in model.blocks]
+    model.eval()
+    for offset in range(0, span, seq_len):
+        x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
+        scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
+        for lane, start in enumerate(starts):
+            lo, hi = start + offset, min(start + min(offset + seq_len, span), n)
+            if hi > lo:
+                x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
+                scored[lane, : hi - lo] = True
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x, carry=carry)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+    model.train()
+    return _reduce_scores(sums, world)
 
 
 # ----------------------------------------------------------------------------- data
@@ -338,12 +371,19 @@ def _scan_terms(u, delta, A, B, C, delta_bias):
     return dt, uf, Bf, Cf, a, linear_scan(a, (dt * uf).unsqueeze(-1) * Bf.unsqueeze(2))
 
 
+def scan_from_state(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The torch scan's forward, starting from state h0 (batch, d_inner, d_state) when given: (out, final state)."""
+    _, uf, _, Cf, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
+    if h0 is not None:
+        h = h + torch.cumprod(a, dim=1) * h0.unsqueeze(1)
+    y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
+    return (y * F.silu(_f32(z))).to(u.dtype).contiguous(), h[:, -1]
+
+
 @torch.library.custom_op("hymba::scan_fwd", mutates_args=())
 def torch_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                    delta_bias: Tensor) -> Tensor:
-    _, uf, _, Cf, _, h = _scan_terms(u, delta, A, B, C, delta_bias)
-    y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
-    return (y * F.silu(_f32(z))).to(u.dtype).contiguous()
+    return scan_from_state(u, delta, A, B, C, D, z, delta_bias)[0]
 
 
 @torch_scan_fwd.register_fake
@@ -584,10 +624,11 @@ def triton_scan(u, delta, A, B, C, D, z, delta_bias):
     return triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias))[0]
 
 
-def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """silu(depthwise causal conv) of x (batch, time, channels) as a sum of shifted copies (fuses under compile)."""
+def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor, tail: Tensor | None = None) -> Tensor:
+    """silu(depthwise causal conv) of x (batch, time, channels) as a sum of shifted copies (fuses under compile);
+    tail: the k - 1 inputs before x (zeros when not given)."""
     k, T = weight.size(1), x.size(1)
-    xp = F.pad(x, (0, 0, k - 1, 0))
+    xp = F.pad(x, (0, 0, k - 1, 0)) if tail is None else torch.cat((tail, x), dim=1)
     weight = weight.to(x.dtype)
     y = bias.to(x.dtype) + sum(xp[:, i : i + T] * weight[:, i] for i in range(k))
     return F.silu(y)
@@ -637,9 +678,9 @@ def resolve_backends(scan_impl: str, conv_impl: str, device: torch.device):
     return picked[0], picked[1], " ".join(notes)
 
 
-def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias):
+def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, *state):
     cast = lambda v: v.to(u.dtype)
-    return scan_fn(u, cast(delta), A.float(), cast(B), cast(C), D.float(), cast(z), delta_bias.float())
+    return scan_fn(u, cast(delta), A.float(), cast(B), cast(C), D.float(), cast(z), delta_bias.float(), *state)
 
 
 # ----------------------------------------------------------------------------- model: Hymba block, GPT
@@ -666,8 +707,8 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def rotary(x: Tensor, inv_freq: Tensor) -> Tensor:
-    angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
+def rotary(x: Tensor, inv_freq: Tensor, offset: int = 0) -> Tensor:
+    angles = torch.outer(torch.arange(offset, offset + x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
@@ -705,20 +746,36 @@ class HymbaMixer(nn.Module):
         self.merge_alpha = nn.Parameter(torch.zeros(()))
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, carry: dict | None = None) -> Tensor:
+        """carry (stateful evaluation, forward only): this layer's state after the previous window of the same sequences ({}
+        before the first), replaced by the state after this one. Queries then also attend to the previous
+        window's keys, up to that window's length back; the conv and the scan continue from where it ended."""
         B, T, _ = x.shape
         k, v, xs, z = self.in_proj(x).split(self.splits, dim=-1)
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = norm(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)) * self.q_gain.to(x.dtype)[:, None, None]
+        k = norm(k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2))
         v = v.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = rotary(norm(q), self.inv_freq) * self.q_gain.to(q.dtype)[:, None, None]
-        k = rotary(norm(k), self.inv_freq)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        gqa = self.kv_heads != self.heads
+        if carry and "kv" in carry:
+            (k_prev, v_prev), P = carry["kv"], carry["kv"][0].size(-2)
+            i, j = torch.arange(T, device=x.device)[:, None], torch.arange(P + T, device=x.device)
+            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
+                                                  torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
+        else:
+            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, is_causal=True, enable_gqa=gqa)
         attn = attn.transpose(1, 2).reshape(B, T, -1)
-        u = self.conv_fn(xs, self.conv_weight, self.conv_bias)
+        if carry is None:
+            u = self.conv_fn(xs, self.conv_weight, self.conv_bias)
+        else:
+            tail = carry.get("conv_tail", xs.new_zeros(B, self.conv_weight.size(1) - 1, xs.size(-1)))
+            u = causal_conv_torch(xs, self.conv_weight, self.conv_bias, tail)
+            carry.update(kv=(k, v), conv_tail=torch.cat((tail, xs), 1)[:, T:])
         dt_low, Bm, Cm = self.x_proj(u).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        y = selective_scan(self.scan_fn, u, self.dt_proj(dt_low), -torch.exp(self.A_log.float()), Bm, Cm,
-                           self.D_skip, z, self.dt_bias)
+        scan_args = (u, self.dt_proj(dt_low), -torch.exp(self.A_log.float()), Bm, Cm, self.D_skip, z, self.dt_bias)
+        if carry is None:
+            y = selective_scan(self.scan_fn, *scan_args)
+        else:
+            y, carry["ssm"] = selective_scan(scan_from_state, *scan_args, carry.get("ssm"))
         w = torch.sigmoid(self.merge_alpha).to(attn.dtype)
         return self.out_proj(w * attn + (1 - w) * self.ssm_out(y))
 
@@ -741,8 +798,8 @@ class Block(nn.Module):
         self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x))
+    def forward(self, x: Tensor, carry: dict | None = None) -> Tensor:
+        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x), carry)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
 
 
@@ -754,11 +811,12 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn) for _ in range(args.num_layers))
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Logits (softcapped), or the mean cross-entropy when targets are given."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, carry: list[dict] | None = None) -> Tensor:
+        """Logits (softcapped), or the mean cross-entropy when targets are given. carry: one state per block,
+        for reading a stream window by window (see HymbaMixer.forward)."""
         x = norm(self.tok_emb(idx))
-        for block in self.blocks:
-            x = block(x)
+        for block, block_carry in zip(self.blocks, carry or [None] * len(self.blocks)):
+            x = block(x, block_carry)
         logits = F.linear(norm(x), self.tok_emb.weight.to(x.dtype))
         logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         if targets is None:
@@ -904,6 +962,10 @@ def main():
         raise ValueError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {world} ranks x "
                          f"{args.grad_accum_steps} micro-steps of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences")
 
+    if args.eval_mode not in ("flat", "sliding", "stateful"):
+        raise ValueError(f"EVAL_MODE={args.eval_mode}: expected flat, sliding or stateful")
+    if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
+        raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
     os.makedirs("logs", exist_ok=True)
     log_path = f"logs/{args.run_id}.txt"
 
@@ -915,7 +977,8 @@ def main():
 
     code = open(__file__, "rb").read()
     log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
-    log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
          f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
     log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
 
@@ -933,7 +996,9 @@ def main():
     model = GPT(args, scan_fn, conv_fn).to(device)
     log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
-    train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False) if distributed else compiled
+    train_model = compiled
+    if distributed:
+        train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers = build_optimizers(args, model, fused=device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     val_batch_seqs = max(1, args.val_batch_tokens // (world * args.eval_seq_len))
@@ -1030,13 +1095,14 @@ def main():
     if over_cap:
         log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
     model.load_state_dict(deserialize(blob))
-    t = time.perf_counter()
-    vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
-    log0(f"final_roundtrip_flat val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
-    if 0 < args.eval_stride < args.eval_seq_len:
+    for mode in dict.fromkeys(("flat", args.eval_mode)):
         t = time.perf_counter()
-        vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, args.eval_stride, val_batch_seqs, rank, world)
-        log0(f"final_roundtrip_sliding stride:{args.eval_stride} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
+        if mode == "stateful":
+            vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
+        else:
+            stride = args.eval_stride if mode == "sliding" else 0
+            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, stride, val_batch_seqs, rank, world)
+        log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if distributed:
         dist.destroy_process_group()

@@ -109,3 +109,30 @@ def test_fullgraph_compile_matches_eager():
         model.zero_grad()
     (l0, g0), (l1, g1) = grads
     assert torch.allclose(l0, l1, rtol=1e-5) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1))
+
+
+@torch.no_grad()  # the carried-state path is forward-only
+def test_windows_with_carried_state_equal_one_long_forward(monkeypatch):
+    """Reading a sequence window by window with the carried state (SSM state, conv tail, previous window's keys)
+    gives the logits of one forward over the whole sequence whose attention sees the last W positions."""
+    torch.manual_seed(0)
+    model = tg.GPT(small_args()).double()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    W, T = 16, 3 * 16 + 5  # a partial last window
+    x = torch.randint(0, 1024, (2, T))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def banded(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        assert is_causal
+        i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))
+        return sdpa(q, k, v, attn_mask=(j <= i) & (j > i - W), enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", banded)
+    reference = model(x)
+    monkeypatch.undo()
+    carry = [{} for _ in model.blocks]
+    windows = torch.cat([model(x[:, s : s + W], carry=carry) for s in range(0, T, W)], dim=1)
+    assert torch.allclose(windows, reference, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(model(x[:, W : 2 * W]), reference[:, W : 2 * W])  # the carried state matters

@@ -16,7 +16,7 @@ def env_for(dataset, run_id, **kw):
 
 
 def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
-    run_script(str(tmp_path), env_for(dataset, "e2e", ITERATIONS=60, EVAL_STRIDE=64, MATRIX_LR=0.02))
+    run_script(str(tmp_path), env_for(dataset, "e2e", ITERATIONS=60, EVAL_MODE="sliding", EVAL_STRIDE=64, MATRIX_LR=0.02))
     log = (tmp_path / "logs" / "e2e.txt").read_text()
     losses = [float(v) for v in re.findall(r"train_loss:(\S+)", log)]
     assert len(losses) == 60 and abs(losses[0] - math.log(1024)) < 0.1 and sum(losses[-10:]) / 10 < losses[0] - 1.5
@@ -24,7 +24,8 @@ def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
     assert pre_loss < math.log(1024) - 1.5
     flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1))
     final = float(re.search(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log).group(1))
-    assert abs(flat - pre) < 0.05 and final < flat  # sliding windows give more context than flat ones
+    sliding = float(re.search(r"final_roundtrip_sliding val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    assert abs(flat - pre) < 0.05 and final == sliding < flat  # sliding windows give more context than flat ones
     size = int(re.search(r"Serialized model int6\+\w+: (\d+) bytes", log).group(1))
     assert size == os.path.getsize(tmp_path / "final_model.int6.ptz")
     total = int(re.search(r"Total submission size int6: (\d+) bytes", log).group(1))
@@ -61,3 +62,19 @@ def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
     log = (tmp_path / "logs" / "cap.txt").read_text()
     assert re.search(r"ERROR: submission is \d+ bytes over the 1000-byte cap", log)
     assert "final_int8_zlib_roundtrip_exact" in log  # the score is still reported
+
+
+def test_stateful_scoring_end_to_end(dataset, tmp_path):
+    run_script(str(tmp_path), env_for(dataset, "stateful", ITERATIONS=30, EVAL_MODE="stateful", MATRIX_LR=0.02))
+    log = (tmp_path / "logs" / "stateful.txt").read_text()
+    flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    stateful = float(re.search(r"final_roundtrip_stateful val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    final = float(re.search(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log).group(1))
+    assert final == stateful and abs(stateful - flat) < 0.1
+
+
+def test_bad_eval_settings_are_refused(dataset, tmp_path):
+    for env, message in (({"EVAL_MODE": "best"}, "EVAL_MODE=best: expected flat, sliding or stateful"),
+                         ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128")):
+        result = run_script(str(tmp_path), env_for(dataset, "bad", ITERATIONS=1, **env), check=False)
+        assert result.returncode != 0 and message in result.stderr
