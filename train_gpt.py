@@ -747,12 +747,13 @@ class HymbaMixer(nn.Module):
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
 
     def forward(self, x: Tensor, carry: dict | None = None) -> Tensor:
-        """carry (stateful evaluation, forward only): this layer's state after the previous window of the same sequences ({}
-        before the first), replaced by the state after this one. Queries then also attend to the previous
-        window's keys, up to that window's length back; the conv and the scan continue from where it ended."""
+        """carry (stateful evaluation, forward only): this layer's state after the previous window of the same
+        sequences ({} before the first), replaced by the state after this one. Queries then also attend to the
+        previous window's keys, up to that window's length back; the conv and the scan continue where it ended."""
         B, T, _ = x.shape
         k, v, xs, z = self.in_proj(x).split(self.splits, dim=-1)
-        q = norm(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)) * self.q_gain.to(x.dtype)[:, None, None]
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        q = norm(q) * self.q_gain.to(q.dtype)[:, None, None]
         k = norm(k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2))
         v = v.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         gqa = self.kv_heads != self.heads

@@ -136,3 +136,16 @@ def test_windows_with_carried_state_equal_one_long_forward(monkeypatch):
     windows = torch.cat([model(x[:, s : s + W], carry=carry) for s in range(0, T, W)], dim=1)
     assert torch.allclose(windows, reference, rtol=1e-9, atol=1e-9)
     assert not torch.allclose(model(x[:, W : 2 * W]), reference[:, W : 2 * W])  # the carried state matters
+
+
+def test_attention_runs_in_bf16_under_autocast(monkeypatch):
+    """As on the GPU: under bf16 autocast q, k and v reach attention in bf16 (a fp32 gain must not promote q)."""
+    model = tg.GPT(small_args(num_layers=1))
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    x = torch.randint(0, 1024, (2, 32))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(x, x)
+    loss.backward()
+    assert seen == [(torch.bfloat16,) * 3] and torch.isfinite(loss)
