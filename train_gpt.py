@@ -216,13 +216,19 @@ def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_s
             x[j, : end - start] = val_tokens[start:end]
             y[j, : end - start] = val_tokens[start + 1 : end + 1]
             scored[j, first - start : end - start] = True
-        x, y, scored = x.to(device), y.to(device), scored.to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+        sums += _scored_sums(model, x, y, scored, luts)
     model.train()
     return _reduce_scores(sums, world)
+
+
+def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) -> Tensor:
+    """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
+    device = luts[0].device
+    x, y, scored = x.to(device), y.to(device), scored.to(device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x, **kwargs)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
 
 
 def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
@@ -253,11 +259,7 @@ def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int,
             if hi > lo:
                 x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
                 scored[lane, : hi - lo] = True
-        x, y, scored = x.to(device), y.to(device), scored.to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x, carry=carry)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+        sums += _scored_sums(model, x, y, scored, luts, carry=carry)
     model.train()
     return _reduce_scores(sums, world)
 
