@@ -419,11 +419,12 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias):
     return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _save_for_backward(ctx, inputs, output):
+    """Every scan op's backward takes its inputs, then the forward's extra outputs (saved states), if any."""
+    ctx.save_for_backward(*inputs, *(output[1:] if isinstance(output, tuple) else ()))
 
 
-torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors), setup_context=_save_inputs)
+torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors), setup_context=_save_for_backward)
 
 
 @torch.library.custom_op("hymba::mamba_scan_fwd", mutates_args=())
@@ -458,12 +459,8 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, out, states):
     return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
-def _mamba_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1], output[2])
-
-
 mamba_scan_fwd.register_autograd(lambda ctx, dout, *_: mamba_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
-                                 setup_context=_mamba_setup)
+                                 setup_context=_save_for_backward)
 
 
 def mamba_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -502,11 +499,12 @@ if triton is not None:
         d = blk * BD + tl.arange(0, BD)
         n = tl.arange(0, NP)
         dm, nm = d < DI, n < N
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
+        dn = dm[:, None] & nm[None, :]
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
         h = tl.zeros((BD, NP), tl.float32)
         for c in range(NC):
-            tl.store(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], h, mask=dm[:, None] & nm[None, :])
+            tl.store(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], h, mask=dn)
             for i in range(K):
                 off, m, _, u, _, dt, Bt, Ct = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, c * K + i, T, DI, d, n, dm, nm, N)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
@@ -613,12 +611,8 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
     return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
-def _triton_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
-
-
 triton_scan_fwd.register_autograd(lambda ctx, dout, _: triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
-                                  setup_context=_triton_setup)
+                                  setup_context=_save_for_backward)
 
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -930,8 +924,9 @@ def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
     SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
     named = dict(model.named_parameters())
     ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
-    matrices = [m.weight for n, m in model.blocks.named_modules() if isinstance(m, CastedLinear) and "dt_proj" not in n]
-    seen = {id(p) for p in ssm + matrices} | {id(model.tok_emb.weight)}
+    ssm_ids = {id(p) for p in ssm}
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
+    seen = ssm_ids | {id(p) for p in matrices} | {id(model.tok_emb.weight)}
     others = [p for p in named.values() if id(p) not in seen]
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
     optimizers = [
