@@ -5,6 +5,7 @@ every block, their outputs are mixed by a learned gate and share one output proj
 """
 from __future__ import annotations
 
+import collections
 import copy
 import glob
 import hashlib
@@ -103,22 +104,24 @@ class Hyperparameters:
 
 
 def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
-    """Approximate the orthogonal factor U V^T of g with a quintic Newton-Schulz iteration."""
+    """Approximate the orthogonal factor U V^T of each matrix in g (..., rows, cols) with a quintic Newton-Schulz
+    iteration."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
-    Each rank orthogonalises every world_size-th matrix and one all-reduce shares the results."""
+    Each rank orthogonalises every world_size-th matrix, those of one shape in one batch, and one all-reduce
+    shares the results."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -128,24 +131,26 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
+            params, momentum = group["params"], group["momentum"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
+            chunks = flat.split([p.numel() for p in params])
+            by_shape = collections.defaultdict(list)
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
+                    by_shape[p.shape].append(i)
+            for shape, idx in by_shape.items():
+                grads = [params[i].grad for i in idx]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
+                update *= max(1.0, shape[0] / shape[1]) ** 0.5
+                for i, u in zip(idx, update):
+                    chunks[i].copy_(u.flatten())
             if distributed:
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], alpha=-group["lr"])
 
 
 # ----------------------------------------------------------------------------- tokenizer-agnostic evaluation
@@ -238,27 +243,39 @@ def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
     return loss / tokens, loss / math.log(2) / nbytes
 
 
+def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
+    """(read_from, score_from, end) of each of `streams` contiguous streams over n positions, each position scored
+    in exactly one. Stream 0 scores from the start; every later one first reads the seq_len positions before its
+    part unscored, as context. All read the same length (seq_len + span), up to the split's end."""
+    span = max(-(-(n - seq_len) // streams), 1)
+    spans = [(0, 0, min(n, seq_len + span))]
+    for i in range(1, streams):
+        start = min(n, seq_len + i * span)
+        spans.append((max(start - seq_len, 0), start, min(n, start + span)))
+    return spans
+
+
 @torch.no_grad()
 def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
-    """Exact (val_loss, val_bpb) with the split cut into world * lanes contiguous streams, each read in
+    """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
     consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, with seq_len tokens of attention context and its stream's whole history in the SSM
-    (less only at the start of a stream). Runs eagerly, with the torch scan (it starts from a state)."""
+    token is scored once, after at least seq_len tokens of attention context (but in the first window) and with
+    its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
+    (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
     device = luts[0].device
     n = val_tokens.numel() - 1
-    span = -(-n // (world * lanes))
-    starts = [(rank * lanes + lane) * span for lane in range(lanes)]
+    spans = stream_spans(n, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     carry = [{} for _ in model.blocks]
     model.eval()
-    for offset in range(0, span, seq_len):
+    for offset in range(0, max(e - r for r, _, e in spans), seq_len):
         x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
         scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
-        for lane, start in enumerate(starts):
-            lo, hi = start + offset, min(start + min(offset + seq_len, span), n)
+        for lane, (read_from, score_from, end) in enumerate(spans):
+            lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
             if hi > lo:
                 x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
-                scored[lane, : hi - lo] = True
+                scored[lane, max(score_from - lo, 0) : hi - lo] = True
         sums += _scored_sums(model, x, y, scored, luts, carry=carry)
     model.train()
     return _reduce_scores(sums, world)
@@ -474,96 +491,103 @@ try:
 except ImportError:
     triton = None
 
-SCAN_BLOCK_D, SCAN_CHUNK = 32, 64  # channels per Triton program; time steps between stored states
+SCAN_BLOCK_D, SCAN_CHUNK, SCAN_WARPS = 32, 16, 4  # channels per Triton program; time steps per tile; warps
 
 if triton is not None:
-    # One program per (sequence, block of channels) walks time with the state in registers. The forward keeps
-    # the state every SCAN_CHUNK steps; the backward recomputes each chunk's states from there into a small
-    # scratch buffer and walks the chunk backwards.
+    # One program per (sequence, block of channels) walks time a chunk of SCAN_CHUNK steps at a time: the chunk's
+    # states come from a parallel scan over the tile (time, channels, states) plus its entry state, kept in
+    # registers. The forward saves each chunk's entry state (and the final state); the backward recomputes the
+    # chunk's states from it and runs the adjoint scan backwards in time.
 
     @triton.jit
-    def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, t, T, DI, d, n, dm, nm, N: tl.constexpr):
-        """Offsets, masks and the fp32 inputs of time step t (zeros past the end); dt = softplus(x)."""
-        m, mn = dm & (d * 0 + t < T), nm & (n * 0 + t < T)
-        off, off_n = (b * T + t) * DI + d, (b * T + t) * N + n
+    def _combine(a1, b1, a2, b2):  # (a, b) pairs compose as h -> a2 (a1 h + b1) + b2
+        return a1 * a2, b1 * a2 + b2
+
+    @triton.jit
+    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K: tl.constexpr, N: tl.constexpr):
+        """Offsets and mask of chunk c's (time, channel) tile, its fp32 u, delta + bias, dt = softplus(delta + bias)
+        (0 past the end, so the state passes through unchanged), B, C, the decays a and the states h."""
+        t = c * K + tl.arange(0, K)
+        off, m = (b * T + t[:, None]) * DI + d[None, :], (t[:, None] < T) & dm[None, :]
+        mn = (t[:, None] < T) & nm[None, :]
         u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias
-        Bt = tl.load(B_ptr + off_n, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + off_n, mask=mn, other=0.0).to(tl.float32)
-        return off, m, mn, u, x, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), Bt, Ct
+        x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+        dt = tl.where(m, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), 0.0)
+        Bt = tl.load(B_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, :, None] * A[None, :, :])
+        bx = (dt * u)[:, :, None] * Bt[:, None, :]
+        decay, h = tl.associative_scan((a, bx), 0, _combine)
+        return off, m, u, x, dt, Bt, Ct, a, bx, decay * h0[None, :, :] + h
 
     @triton.jit
-    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
+    def _row(x, i, K: tl.constexpr):
+        """Row i of a (time, channel, state) tile."""
+        return tl.sum(tl.where(tl.arange(0, K)[:, None, None] == i, x, 0.0), axis=0)
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
                          T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        d = blk * BD + tl.arange(0, BD)
-        n = tl.arange(0, NP)
+        d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
         dm, nm = d < DI, n < N
-        dn = dm[:, None] & nm[None, :]
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn, other=0.0)
+        dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
+        A = tl.load(A_ptr + state, mask=dn, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
-        h = tl.zeros((BD, NP), tl.float32)
+        h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
         for c in range(NC):
-            tl.store(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], h, mask=dn)
-            for i in range(K):
-                off, m, _, u, _, dt, Bt, Ct = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, c * K + i, T, DI, d, n, dm, nm, N)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-                z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-                tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
+            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI, d, n, dm, nm, K, N)
+            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
+            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+            h = _row(hs, K - 1, K)
+        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * DI * N + state, h, mask=dn)
 
     @triton.jit
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
                          T, DI, NC, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        d = blk * BD + tl.arange(0, BD)
-        n = tl.arange(0, NP)
+        d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
         dm, nm = d < DI, n < N
-        dn = dm[:, None] & nm[None, :]
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn, other=0.0)
+        dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
+        A = tl.load(A_ptr + state, mask=dn, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
-        scratch = scratch_ptr + (b * NBLK + blk) * K * BD * NP + tl.arange(0, BD)[:, None] * NP + n[None, :]
-        carry = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1}
+        rows = tl.arange(0, K)[:, None, None]
+        after = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1} for the step after this chunk
         dA_acc = tl.zeros((BD, NP), tl.float32)
         dD_acc, dbias_acc = tl.zeros((BD,), tl.float32), tl.zeros((BD,), tl.float32)
         for cc in range(NC):
             c = NC - 1 - cc
-            h0 = tl.load(ckpt_ptr + ((b * NC + c) * DI + d[:, None]) * N + n[None, :], mask=dn, other=0.0)
-            h = h0
-            for i in range(K):  # recompute the chunk's states
-                _, _, _, u, _, dt, Bt, _ = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, c * K + i, T, DI, d, n, dm, nm, N)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-                tl.store(scratch + i * BD * NP, h)
-            tl.debug_barrier()
-            for j in range(K):  # and walk it backwards
-                i = K - 1 - j
-                t = c * K + i
-                off, m, mn, u, x, dt, Bt, Ct = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, b, t, T, DI, d, n, dm, nm, N)
-                h_t = tl.load(scratch + i * BD * NP)
-                h_prev = tl.where(i > 0, tl.load(scratch + tl.maximum(i - 1, 0) * BD * NP), h0)
-                z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-                dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
-                a = tl.exp(dt[:, None] * A)
-                y = tl.sum(h_t * Ct[None, :], axis=1) + Dv * u
-                sz = tl.sigmoid(z)
-                dy = dout * z * sz
-                g = dy[:, None] * Ct[None, :] + carry  # dL/dh_t
-                dlog_a = g * h_prev * a
-                gB = tl.sum(g * Bt[None, :], axis=1)
-                ddelta = (tl.sum(dlog_a * A, axis=1) + gB * u) * tl.sigmoid(x)
-                tl.store(du_ptr + off, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
-                tl.store(ddelta_ptr + off, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
-                tl.store(dz_ptr + off, (dout * y * sz * (1 + z * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
-                part = ((b * NBLK + blk) * T + t) * NP + n
-                tl.store(dB_ptr + part, tl.sum(g * (dt * u)[:, None], axis=0), mask=mn)
-                tl.store(dC_ptr + part, tl.sum(h_t * dy[:, None], axis=0), mask=mn)
-                dA_acc += dlog_a * dt[:, None]
-                dD_acc += dy * u
-                dbias_acc += ddelta
-                carry = a * g
-            tl.debug_barrier()
-        tl.store(dA_ptr + (b * DI + d[:, None]) * N + n[None, :], dA_acc, mask=dn)
+            h0 = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=dn, other=0.0)
+            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K, N)
+            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
+            sz = tl.sigmoid(z)
+            dy = dout * z * sz
+            # dL/dh_t = dy_t C_t + a_{t+1} dL/dh_{t+1}: a scan backwards in time over (a_{t+1}, dy_t C_t)
+            a_next = tl.gather(a, tl.minimum(rows + 1, K - 1) + tl.zeros_like(a).to(tl.int32), 0)
+            last = rows == K - 1
+            _, g = tl.associative_scan((tl.where(last, 0.0, a_next), dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
+                                       0, _combine, reverse=True)
+            dlog_a = g * (hs - bx)  # dL/dh_t * a_t h_{t-1}
+            gB = tl.sum(g * Bt[:, None, :], axis=2)
+            ddelta = (tl.sum(dlog_a * A[None, :, :], axis=2) + gB * u) * tl.sigmoid(x)
+            ddelta = tl.where(m, ddelta, 0.0)
+            tl.store(du_ptr + off, (dy * Dv[None, :] + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddelta_ptr + off, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
+            tl.store(dz_ptr + off, (dout * y * sz * (1 + z * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+            t = c * K + tl.arange(0, K)
+            part, mn = ((b * NBLK + blk) * T + t[:, None]) * NP + n[None, :], (t[:, None] < T) & nm[None, :]
+            tl.store(dB_ptr + part, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mn)
+            tl.store(dC_ptr + part, tl.sum(hs * dy[:, :, None], axis=1), mask=mn)
+            dA_acc += tl.sum(dlog_a * dt[:, :, None], axis=0)
+            dD_acc += tl.sum(dy * u, axis=0)
+            dbias_acc += tl.sum(ddelta, axis=0)
+            after = _row(a * g, 0, K)
+        tl.store(dA_ptr + b * DI * N + state, dA_acc, mask=dn)
         tl.store(dD_ptr + b * DI + d, dD_acc, mask=dm)
         tl.store(dbias_ptr + b * DI + d, dbias_acc, mask=dm)
 
@@ -575,19 +599,20 @@ def _scan_grid(u, A):
 
 @torch.library.custom_op("hymba::triton_scan_fwd", mutates_args=())
 def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                    delta_bias: Tensor) -> tuple[Tensor, Tensor]:
+                    delta_bias: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, states): the state (batch, d_inner, d_state) entering each chunk, then the final state."""
     grid, nc, np2 = _scan_grid(u, A)
     out = torch.empty_like(u)
-    ckpt = u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, out, ckpt, u.size(1), u.size(2), nc,
-                           N=A.size(1), NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK)
+    ckpt = u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), nc,
+                           N=A.size(1), NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK, num_warps=SCAN_WARPS)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias):
+def _(u, delta, A, B, C, D, z, delta_bias, h0):
     nc = -(-u.size(1) // SCAN_CHUNK)
-    return _empty(u)[0], u.new_empty(u.size(0), nc, u.size(2), A.size(1), dtype=torch.float32)
+    return _empty(u)[0], u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
@@ -599,9 +624,9 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
     dB, dC = torch.empty(b, nblk, T, np2, **f32), torch.empty(b, nblk, T, np2, **f32)
     dA, dD, dbias = torch.empty(b, di, n, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
-    scratch = torch.empty(b * nblk * SCAN_CHUNK * SCAN_BLOCK_D * np2, **f32)
-    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, scratch, du, ddelta, dz, dB, dC,
-                                dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK)
+    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
+                                dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK,
+                                num_warps=SCAN_WARPS)
     return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(), dC.sum(1)[..., :n].to(C.dtype).contiguous(),
             dD.sum(0), dz, dbias.sum(0))
 
@@ -611,13 +636,20 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
     return _empty(u, delta, A, B, C, D, z, delta_bias)
 
 
-triton_scan_fwd.register_autograd(lambda ctx, dout, _: triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
-                                  setup_context=_save_for_backward)
+def _triton_scan_backward(ctx, dout, _):
+    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
+    return *triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt), None
 
 
-def triton_scan(u, delta, A, B, C, D, z, delta_bias):
+triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
+
+
+def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
+    """out, or (out, final state) when starting from state h0 (forward only: the state gets no gradient)."""
     c = lambda v: v.contiguous()
-    return triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias))[0]
+    start = u.new_zeros(u.size(0), u.size(2), A.size(1), dtype=torch.float32) if h0 is None else c(h0)
+    out, states = triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), start)
+    return out if h0 is None else (out, states[:, -1])
 
 
 def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor, tail: Tensor | None = None) -> Tensor:
@@ -772,7 +804,8 @@ class HymbaMixer(nn.Module):
         if carry is None:
             y = selective_scan(self.scan_fn, *scan_args)
         else:
-            y, carry["ssm"] = selective_scan(scan_from_state, *scan_args, carry.get("ssm"))
+            h0 = carry.get("ssm", u.new_zeros(B, self.d_inner, self.d_state, dtype=torch.float32))
+            y, carry["ssm"] = selective_scan(triton_scan if u.is_cuda and triton else scan_from_state, *scan_args, h0)
         w = torch.sigmoid(self.merge_alpha).to(attn.dtype)
         return self.out_proj(w * attn + (1 - w) * self.ssm_out(y))
 

@@ -1,19 +1,70 @@
-"""Training-step time and peak memory of the model under each scan backend (synthetic tokens, one GPU).
+"""Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for an attention-only
+model of the same width and depth built from the same script; with --profile, where the GPU time goes.
 
-    python3 bench/step_time.py [--steps 60] [--batch-tokens 65536] [--impls mamba_ssm,torch]
-Prints one row per backend: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB.
-Model settings come from the same environment variables as train_gpt.py.
+    python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton]
+Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
+model FLOPs utilisation against the bf16 matmul rate measured here. Model settings come from train_gpt.py's
+environment variables.
 """
 import argparse
+import collections
 import os
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
+
+
+def attention_only(self, x, carry=None):
+    """HymbaMixer.forward without the SSM branch: q and the K/V rows of in_proj, attention, out_proj."""
+    B, T, _ = x.shape
+    kv = F.linear(x, self.in_proj.weight[: 2 * self.splits[0]].to(x.dtype))
+    k, v = kv.view(B, T, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+    q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+    q = tg.norm(q) * self.q_gain.to(q.dtype)[:, None, None]
+    y = F.scaled_dot_product_attention(tg.rotary(q, self.inv_freq), tg.rotary(tg.norm(k), self.inv_freq), v, is_causal=True,
+                                       enable_gqa=self.kv_heads != self.heads)
+    return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def flops_per_token(args, attention: bool) -> float:
+    """Matmul FLOPs of one training token (forward + backward = 3x forward), causal attention included."""
+    dim, di, kv = args.model_dim, args.ssm_expand * args.model_dim, args.num_kv_heads * args.model_dim // args.num_heads
+    if attention:
+        per_layer = dim * dim + dim * 2 * kv + dim * dim
+    else:
+        per_layer = dim * dim + dim * (2 * kv + 2 * di) + di * (args.ssm_dt_rank + 2 * args.ssm_state) + args.ssm_dt_rank * di + di * dim + dim * dim
+    per_layer += 2 * args.mlp_mult * dim * dim
+    fwd = 2 * (args.num_layers * per_layer + args.vocab_size * dim) + args.num_layers * 2 * args.train_seq_len * dim
+    return 3 * fwd
+
+
+def matmul_tflops() -> float:
+    a, b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    for key, cat in (("scan", "selective scan"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+                     ("gemm", "matmul"), ("nvjet", "matmul"), ("cutlass", "matmul"), ("sm90", "matmul"),
+                     ("triton", "fused elementwise (inductor)"), ("reduce", "reductions"), ("copy", "copies"),
+                     ("elementwise", "eager elementwise"), ("foreach", "optimizer (foreach)")):
+        if key in n:
+            return cat
+    return "other"
 
 
 def main():
@@ -21,38 +72,64 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch-tokens", type=int, default=65536)
-    p.add_argument("--impls", default="mamba_ssm,triton,torch")
+    p.add_argument("--impls", default="triton,mamba_ssm,attention")
+    p.add_argument("--profile", default="", help="variant to profile (top kernels and categories, ms per step)")
     a = p.parse_args()
     args = tg.Hyperparameters()
+    peak = matmul_tflops()
     rows = []
     for impl in a.impls.split(","):
         torch.manual_seed(0)
         torch.cuda.reset_peak_memory_stats()
-        scan, conv, desc = tg.resolve_backends(impl, args.conv_impl, torch.device("cuda"))
+        scan, conv, desc = tg.resolve_backends("torch" if impl == "attention" else impl, args.conv_impl, torch.device("cuda"))
+        tg.HymbaMixer.forward, original = (attention_only if impl == "attention" else tg.HymbaMixer.forward), tg.HymbaMixer.forward
         model = tg.GPT(args, scan, conv).cuda()
         opts = tg.build_optimizers(args, model, fused=True)
         run = torch.compile(model, fullgraph=True, dynamic=False)
         x = torch.randint(0, args.vocab_size, (a.batch_tokens // args.train_seq_len, args.train_seq_len), device="cuda")
-        times = []
-        for i in range(a.warmup + a.steps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
+
+        def step():
             with torch.autocast("cuda", torch.bfloat16):
                 loss = run(x, x)
             loss.backward()
             for o in opts:
                 o.step()
             model.zero_grad(set_to_none=True)
+
+        times = []
+        for i in range(a.warmup + a.steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
             torch.cuda.synchronize()
             if i >= a.warmup:
                 times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times)
-        rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30))
-        del model, opts, run
+        mfu = flops_per_token(args, impl == "attention") * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
+        rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
+        if impl == a.profile:
+            n = 5
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    step()
+                torch.cuda.synchronize()
+            kernels, cats = collections.Counter(), collections.Counter()
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[e.name] += e.device_time / 1e3 / n
+                    cats[category(e.name)] += e.device_time / 1e3 / n
+            print(f"\nprofile of {impl}: GPU kernel time per step {sum(cats.values()):.1f} ms (wall {ms:.1f} ms)")
+            for cat, t in cats.most_common():
+                print(f"  {t:7.2f} ms  {cat}")
+            print("top kernels:")
+            for name, t in kernels.most_common(25):
+                print(f"  {t:7.2f} ms  {name[:110]}")
+        tg.HymbaMixer.forward = original
         torch.cuda.empty_cache()
-    print(f"\n{'impl':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8}  backends")
-    for impl, desc, ms, tps, mem in rows:
-        print(f"{impl:<10} {ms:8.1f} {tps:7.3f} {mem:8.1f}  {desc}")
+    print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
+    print(f"{'variant':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")
+    for impl, desc, ms, tps, mem, mfu in rows:
+        print(f"{impl:<10} {ms:8.1f} {tps:7.3f} {mem:8.1f} {mfu:6.1%}  {desc}")
 
 
 if __name__ == "__main__":

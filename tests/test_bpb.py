@@ -69,3 +69,13 @@ def test_evaluate_is_exact_on_a_known_model(dataset):
         loss, bpb = score()
         assert loss == pytest.approx(math.log(1024), rel=1e-7)  # fp32 cross-entropy
         assert bpb == pytest.approx((val.numel() - 1) * 10 / n_bytes, rel=1e-7)
+
+
+@pytest.mark.parametrize("n,seq_len,streams", [(1000, 64, 7), (1000, 64, 1), (50, 64, 4), (64, 64, 3), (10_000, 256, 40)])
+def test_stream_spans_score_every_position_once_after_full_context(n, seq_len, streams):
+    spans = tg.stream_spans(n, seq_len, streams)
+    assert len(spans) == streams
+    assert sorted(p for _, s, e in spans for p in range(s, e)) == list(range(n))
+    longest = max(e - r for r, _, e in spans)
+    for r, s, e in spans:
+        assert r == max(s - seq_len, 0) and (s == e or e - r == longest or e == n)

@@ -1,5 +1,6 @@
 """The Triton scan kernels, run on the CPU by Triton's interpreter, against the sequential recurrence (forward and
-every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes)."""
+every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes), and
+its forward from a given state against the torch scan's."""
 import importlib.util
 import os
 import subprocess
@@ -23,8 +24,12 @@ for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
         assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
 tg.SCAN_CHUNK = 4
-args = [x.contiguous().requires_grad_() for x in random_inputs(2, 5, 3, 7, torch.float32, seed=1)]
-torch.library.opcheck(tg.triton_scan_fwd, args)
+inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
+h0 = torch.randn(2, 5, 3)
+out, final = tg.triton_scan(*inputs, h0)
+ref_out, ref_final = tg.scan_from_state(*[x.double() for x in inputs], h0.double())
+assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.double() - ref_final).norm() <= 2e-5 * ref_final.norm()
+torch.library.opcheck(tg.triton_scan_fwd, [x.contiguous().requires_grad_() for x in inputs] + [h0])
 print("ok")
 """
 
