@@ -491,7 +491,7 @@ try:
 except ImportError:
     triton = None
 
-SCAN_BLOCK_D, SCAN_CHUNK, SCAN_WARPS = 32, 16, 4  # channels per Triton program; time steps per tile; warps
+SCAN_BLOCK_D, SCAN_CHUNK, SCAN_WARPS = 16, 16, 4  # channels per Triton program; time steps per tile; warps
 
 if triton is not None:
     # One program per (sequence, block of channels) walks time a chunk of SCAN_CHUNK steps at a time: the chunk's
@@ -856,7 +856,8 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- quantization and export
 # Large block matrices: int6 per row, each row's clip chosen from a few ratios of its max by squared error.
-# The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor: fp16.
+# The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor: fp16. An artifact over the
+# cap is made to fit by zeroing the cheapest int6 +-1 entries (zeros compress best).
 
 INT6_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
@@ -888,19 +889,8 @@ def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     return best_q.to(torch.int8), best_s.squeeze(1).half()
 
 
-def serialize(state: dict[str, Tensor]) -> bytes:
-    """Quantized tensors as a JSON index and raw little-endian bytes, then the smallest available compression."""
-    index, blobs = [], []
-    for name, t in state.items():
-        kind = export_kind(name, t)
-        if kind == "fp16":
-            blobs.append(t.detach().cpu().half().numpy().tobytes())
-        else:
-            q, s = quantize_rows(t.detach().cpu().reshape(t.size(0), -1), 31 if kind == "int6" else 127)
-            blobs += [q.numpy().tobytes(), s.numpy().tobytes()]
-        index.append([name, kind, list(t.shape)])
-    header = json.dumps(index).encode()
-    payload = len(header).to_bytes(4, "little") + header + b"".join(blobs)
+def compress(payload: bytes) -> bytes:
+    """The smallest of lzma and (when installed) zstd, tagged with a leading byte."""
     candidates = [b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)]
     try:
         import zstandard
@@ -909,6 +899,41 @@ def serialize(state: dict[str, Tensor]) -> bytes:
     except ImportError:
         pass
     return min(candidates, key=len)
+
+
+def serialize(state: dict[str, Tensor], max_bytes: int | None = None) -> tuple[bytes, int]:
+    """Quantized tensors as a JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed).
+    Over max_bytes, int6 entries of +-1 are set to 0, those adding the least squared error first, in rounds
+    sized by the bytes the previous round saved, until the artifact fits or none is left."""
+    index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each int6 +-1
+    for name, t in state.items():
+        kind = export_kind(name, t)
+        if kind == "fp16":
+            parts.append(t.detach().cpu().half().numpy())
+        else:
+            w = t.detach().cpu().reshape(t.size(0), -1).float()
+            q, scale = quantize_rows(w, 31 if kind == "int6" else 127)
+            if kind == "int6":
+                unit = q.abs() == 1
+                cost = w.square() - (w - q * scale.float()[:, None]).square()
+                ones.append((cost[unit], torch.full((int(unit.sum()),), len(parts)), unit.flatten().nonzero().squeeze(1)))
+            parts += [q.numpy(), scale.numpy()]
+        index.append([name, kind, list(t.shape)])
+    header = json.dumps(index).encode()
+    pack = lambda: compress(len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts))
+    blob, zeroed = pack(), 0
+    if max_bytes is None or len(blob) <= max_bytes or not ones:
+        return blob, 0
+    cost, part, position = (torch.cat(c) for c in zip(*ones))
+    order, unpruned, saved_per_entry = cost.argsort(), len(blob), 1 / 8  # first guess: one bit per entry
+    while len(blob) > max_bytes and zeroed < len(order):
+        k = min(len(order), zeroed + math.ceil(1.1 * (len(blob) - max_bytes) / saved_per_entry))
+        chosen = order[zeroed:k]
+        for i in part[chosen].unique().tolist():
+            parts[i].reshape(-1)[position[chosen[part[chosen] == i]].numpy()] = 0
+        blob, zeroed = pack(), k
+        saved_per_entry = max((unpruned - len(blob)) / zeroed, 1e-3)
+    return blob, zeroed
 
 
 def deserialize(blob: bytes) -> dict[str, Tensor]:
@@ -1112,13 +1137,21 @@ def main():
 
     t = time.perf_counter()
     if master:
-        blob = serialize(model.state_dict())
+        blob, zeroed = serialize(model.state_dict(), SIZE_CAP_BYTES - len(code))
+        if zeroed:
+            log0(f"export: {zeroed} int6 entries of +-1 set to 0 to fit the cap")
         with open(args.artifact_path, "wb") as f:
             f.write(blob)
     if distributed:
         dist.barrier()
     with open(args.artifact_path, "rb") as f:  # every rank scores the artifact as read back from disk
         blob = f.read()
+    digests = [hashlib.sha256(blob).hexdigest()] * world
+    if distributed:
+        dist.all_gather_object(digests, digests[0])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
+    log0(f"artifact sha256:{digests[0]} (the same bytes on all {world} ranks)")
     total = len(blob) + len(code)
     log0(f"Serialized model int6+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
     log0(f"Total submission size int6: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")

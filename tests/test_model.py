@@ -70,7 +70,8 @@ def test_export_round_trip_and_byte_accounting():
     kinds = {n: tg.export_kind(n, t) for n, t in state.items()}
     assert kinds["tok_emb.weight"] == "int8" and kinds["blocks.0.mlp.fc.weight"] == "int6"
     assert {kinds[n] for n in state if any(s in n for s in tg.SSM_SENSITIVE)} == {"fp16"}
-    blob = tg.serialize(state)
+    blob, zeroed = tg.serialize(state)
+    assert zeroed == 0
     import lzma, json
     payload = lzma.decompress(blob[1:])
     header_len = int.from_bytes(payload[:4], "little")
@@ -93,6 +94,35 @@ def test_export_round_trip_and_byte_accounting():
         tg.deserialize(b"X" + blob[1:])
     with pytest.raises(ValueError, match="trailing bytes"):
         tg.deserialize(b"L" + lzma.compress(payload + b"\0"))
+
+
+def test_export_over_budget_zeroes_the_cheapest_unit_entries_until_it_fits():
+    torch.manual_seed(0)
+    state = tg.GPT(small_args(model_dim=256)).state_dict()
+    for name, t in state.items():
+        if tg.export_kind(name, t) == "int6":
+            t.normal_(std=0.02)  # trained-like weights: many entries quantize to +-1
+    full, _ = tg.serialize(state)
+    budget = len(full) - 2000
+    blob, zeroed = tg.serialize(state, budget)
+    assert len(blob) <= budget and zeroed > 0
+    before, after = tg.deserialize(full), tg.deserialize(blob)
+    changed, kept_costs, pruned_costs = 0, [], []
+    for name, t in state.items():
+        if tg.export_kind(name, t) != "int6":
+            assert torch.equal(before[name], after[name])
+            continue
+        q, scale = tg.quantize_rows(t, 31)
+        s = scale.float()[:, None]
+        unit = q.abs() == 1
+        cost = t.square() - (t - q.float() * s).square()
+        diff = before[name] != after[name]
+        assert (unit | ~diff).all() and (after[name][diff] == 0).all()  # only +-1 entries, and they became 0
+        changed += int(diff.sum())
+        pruned_costs.append(cost[diff])
+        kept_costs.append(cost[unit & ~diff])
+    assert changed == zeroed
+    assert torch.cat(pruned_costs).max() <= torch.cat(kept_costs).min()  # the cheapest ones went first
 
 
 def test_fullgraph_compile_matches_eager():

@@ -47,7 +47,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(dataset, tmp_path):
     assert len(loss1) == len(loss2) == 6 and len(val1) == len(val2) == 2
     assert max(abs(a - b) for a, b in zip(loss1 + val1, loss2 + val2)) <= 2e-4
     log2 = open(tmp_path / "two/logs/two.txt").read()
-    assert "world_size:2 grad_accum_steps:1" in log2
+    assert "world_size:2 grad_accum_steps:1" in log2 and "(the same bytes on all 2 ranks)" in log2
 
 
 def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
