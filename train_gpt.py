@@ -259,7 +259,7 @@ def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int
 def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
     """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
     consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, after at least seq_len tokens of attention context (but in the first window) and with
+    token is scored once, after at least seq_len tokens of attention context (except in the split's first window) and with
     its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
     (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
     device = luts[0].device
