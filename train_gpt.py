@@ -526,14 +526,21 @@ if triton is not None:
         return tl.sum(tl.where(tl.arange(0, K)[:, None, None] == i, x, 0.0), axis=0)
 
     @triton.jit
-    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+    def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
+        """This program's sequence b and channel block: channel and state indices, their masks, the flat offsets of
+        its (channel, state) tile, and its A, D and dt bias."""
         b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
         d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
         dm, nm = d < DI, n < N
         dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
         A = tl.load(A_ptr + state, mask=dn, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
+        return b, blk, d, n, dm, nm, dn, state, A, Dv, bias
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
         for c in range(NC):
             tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
@@ -548,12 +555,7 @@ if triton is not None:
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
                          du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
                          T, DI, NC, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
-        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
-        dm, nm = d < DI, n < N
-        dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
-        A = tl.load(A_ptr + state, mask=dn, other=0.0)
-        Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
+        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         rows = tl.arange(0, K)[:, None, None]
         after = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1} for the step after this chunk
         dA_acc = tl.zeros((BD, NP), tl.float32)
