@@ -819,7 +819,7 @@ class MLP(nn.Module):
         self.proj = CastedLinear(mult * dim, dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 
 class Block(nn.Module):
