@@ -21,10 +21,10 @@ def scan_inputs(b, d, n, t, dtype):
 
 def fast_scan(backend):
     """The backend's scan; the test is skipped where it cannot run (mamba-ssm not installed, say)."""
-    why = tg._unavailable(tg.SCAN_BACKENDS[backend][1], torch.device("cuda"))
-    if why:
-        pytest.skip(f"{backend}: {why}")
-    return tg.SCAN_BACKENDS[backend][0]
+    try:
+        return tg.resolve_backends(backend, "torch", torch.device("cuda"))[0]
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 def grads(fn, inputs, dout):
