@@ -794,6 +794,10 @@ class HymbaMixer(nn.Module):
                                                   torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
         else:
             attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, is_causal=True, enable_gqa=gqa)
+        # XSA: drop the component of each head's output along its own token's value (that token already reaches
+        # the output through the residual), so that the heads spend themselves on the other tokens.
+        v_self = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
+        attn = attn - (attn * v_self).sum(-1, keepdim=True) * v_self
         attn = attn.transpose(1, 2).reshape(B, T, -1)
         if carry is None:
             u = self.conv_fn(xs, self.conv_weight, self.conv_bias)
