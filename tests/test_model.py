@@ -179,3 +179,20 @@ def test_attention_runs_in_bf16_under_autocast(monkeypatch):
         loss = model(x, x)
     loss.backward()
     assert seen == [(torch.bfloat16,) * 3] and torch.isfinite(loss)
+
+
+def test_xsa_removes_each_heads_own_value_direction():
+    """XSA: each head's attention output is orthogonal to its own token's value (of the KV head it shares), so
+    the first token, which attends only to itself, gets no attention output at all."""
+    torch.manual_seed(0)
+    args = small_args()
+    mixer = tg.GPT(args).blocks[0].mixer.double()
+    with torch.no_grad():
+        mixer.merge_alpha.fill_(40.0)  # weight of the SSM branch ~4e-18: the output is the attention branch
+        mixer.out_proj.weight.copy_(torch.eye(args.model_dim))
+    x = torch.randn(2, 24, args.model_dim, dtype=torch.float64)
+    attn = mixer(x).view(2, 24, args.num_heads, -1)
+    v = mixer.in_proj(x).split(mixer.splits, dim=-1)[1].view(2, 24, args.num_kv_heads, -1)
+    v_of_head = v.repeat_interleave(args.num_heads // args.num_kv_heads, dim=2)
+    assert (attn * v_of_head).sum(-1).abs().max() < 1e-12
+    assert attn[:, 0].abs().max() < 1e-12 and attn[:, 1:].abs().amin(-1).amin(-1).min() > 0
