@@ -5,6 +5,9 @@ import sys
 
 import build_shards
 import sentencepiece as spm
+import torch
+
+import train_gpt as tg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -13,6 +16,22 @@ OFFICIAL_TOKENIZER = os.path.join(SHARED, "tokenizers", "fineweb_1024_bpe.model"
 TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", SSM_DT_RANK="4",
                 TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1",
                 EVAL_MODE="flat", VAL_BATCH_TOKENS="8192", COMPILE="0", MAX_WALLCLOCK_SECONDS="0")
+
+
+def small_args(**kw):
+    """The script's settings for a 2-layer, 64-wide model, with kw overriding."""
+    args = tg.Hyperparameters({})
+    args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.ssm_dt_rank, args.mlp_mult = 2, 64, 4, 2, 8, 2
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def unzero_output_projections(model, std):
+    """Random mixer and MLP output projections (zero at init), so that both reach the logits and the gradients."""
+    for block in model.blocks:
+        torch.nn.init.normal_(block.mixer.out_proj.weight, std=std)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=std)
 
 
 def corpus():

@@ -9,7 +9,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from helpers import SHARED, corpus
+from helpers import SHARED, corpus, small_args, unzero_output_projections
 
 
 def real_documents(n=300):
@@ -85,14 +85,10 @@ def test_stateful_scorer_equals_sliding_and_flat_when_one_window_covers_the_spli
     data, tokenizer = dataset
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
     val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)[:301]
-    args = tg.Hyperparameters({})
-    args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.ssm_dt_rank = 2, 64, 4, 2, 8
     torch.manual_seed(0)
-    model = tg.GPT(args)
+    model = tg.GPT(small_args(mlp_mult=3))
     torch.nn.init.normal_(model.tok_emb.weight, std=0.5)  # logits far from uniform
-    for blk in model.blocks:  # non-zero output projections: both branches reach the logits
-        torch.nn.init.normal_(blk.mixer.out_proj.weight, std=0.05)
-        torch.nn.init.normal_(blk.mlp.proj.weight, std=0.05)
+    unzero_output_projections(model, std=0.05)
     flat = tg.evaluate(model, val, luts, seq_len=512, stride=0, batch_seqs=1, rank=0, world=1)
     sliding = tg.evaluate(model, val, luts, seq_len=512, stride=64, batch_seqs=1, rank=0, world=1)
     stateful = tg.evaluate_stateful(model, val, luts, seq_len=512, lanes=1, rank=0, world=1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from helpers import unzero_output_projections
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -62,9 +63,7 @@ def test_model_backends_agree(backend, compiled):
     for scan in (fast_scan(backend), tg.torch_scan_fwd):
         torch.manual_seed(0)
         model = tg.GPT(args, scan, tg.causal_conv_torch).cuda()
-        for blk in model.blocks:  # non-zero output projections so that every gradient is exercised
-            torch.nn.init.normal_(blk.mixer.out_proj.weight, std=0.02)
-            torch.nn.init.normal_(blk.mlp.proj.weight, std=0.02)
+        unzero_output_projections(model, std=0.02)  # so that every gradient is exercised
         run = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", torch.bfloat16):
             loss = run(x, x)

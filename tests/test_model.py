@@ -4,22 +4,13 @@ import pytest
 import torch
 
 import train_gpt as tg
-
-
-def small_args(**kw):
-    args = tg.Hyperparameters({})
-    args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.ssm_dt_rank, args.mlp_mult = 2, 64, 4, 2, 8, 2
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+from helpers import small_args, unzero_output_projections
 
 
 def test_model_is_causal():
     torch.manual_seed(0)
     model = tg.GPT(small_args())
-    for block in model.blocks:  # zero-initialised projections would hide the mixer
-        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
-        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    unzero_output_projections(model, std=0.05)  # zero-initialised projections would hide the mixer
     x = torch.randint(0, 1024, (2, 40))
     base = model(x)
     for t in (0, 17, 39):
@@ -147,9 +138,7 @@ def test_windows_with_carried_state_equal_one_long_forward(monkeypatch):
     gives the logits of one forward over the whole sequence whose attention sees the last W positions."""
     torch.manual_seed(0)
     model = tg.GPT(small_args()).double()
-    for block in model.blocks:
-        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
-        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    unzero_output_projections(model, std=0.05)
     W, T = 16, 3 * 16 + 5  # a partial last window
     x = torch.randint(0, 1024, (2, T))
     sdpa = torch.nn.functional.scaled_dot_product_attention
