@@ -868,6 +868,7 @@ class GPT(nn.Module):
 # cap is made to fit by zeroing the cheapest int6 +-1 entries (zeros compress best).
 
 INT6_MIN_NUMEL = 65536
+QMAX = {"int8": 127, "int6": 31}
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
 SIZE_CAP_BYTES = 16_000_000
 
@@ -964,8 +965,8 @@ def serialize(state: dict[str, Tensor], max_bytes: int | None = None, hessians: 
         if kind == "fp16":
             parts.append(t.detach().cpu().half().numpy())
         else:
-            w, qmax = t.detach().reshape(t.size(0), -1).float(), 31 if kind == "int6" else 127
-            q, scale = gptq_quantize(w, hessians[name], qmax) if name in (hessians or {}) else quantize_rows(w, qmax)
+            w = t.detach().reshape(t.size(0), -1).float()
+            q, scale = gptq_quantize(w, hessians[name], QMAX[kind]) if name in (hessians or {}) else quantize_rows(w, QMAX[kind])
             w, q, scale = w.cpu(), q.cpu(), scale.cpu()
             if kind == "int6":
                 unit = q.abs() == 1

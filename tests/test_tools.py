@@ -1,13 +1,16 @@
-"""tools/summarize.py and tools/plot.py on logs written by the script itself (tiny CPU runs)."""
+"""tools/summarize.py, tools/plot.py and bench/export_sweep.py on runs of the script itself (tiny CPU runs)."""
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 import plot
 import summarize
-from helpers import TINY_ENV, run_script
+from helpers import ROOT, TINY_ENV, run_script
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,19 @@ def test_plot_writes_a_png(logs, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = plot.curves(logs[0])
     assert [s for s, _, _ in run["train"]] == [1, 2, 3] and [s for s, _, _ in run["val"]] == [2]
+
+
+def test_export_sweep_repeats_the_scripts_own_export_and_scores_each_variant(dataset, tmp_path):
+    data, tokenizer = dataset
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": "sweep", "ITERATIONS": "3",
+           "MODEL_DIM": "256", "GPTQ_CALIB_TOKENS": "4096"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "export_sweep.py"), "--variants", "gptq:6/6,round:6/6,gptq:5/4"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {m[0]: (int(m[1]), float(m[2])) for m in re.findall(r"^sweep (\S+) model_bytes:(\d+) total_bytes:\d+ val_bpb:(\S+)", out.stdout, re.M)}
+    log = (tmp_path / "logs" / "sweep.txt").read_text()
+    assert list(rows) == ["gptq:6/6", "round:6/6", "gptq:5/4"]
+    # the script's own export is GPTQ at 6 bits: the same bytes and score
+    assert rows["gptq:6/6"][0] == int(re.search(r"Serialized model int6\+\w+: (\d+) bytes", log).group(1))
+    assert rows["gptq:6/6"][1] == pytest.approx(float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1)), abs=1e-6)
+    assert rows["round:6/6"][0] != rows["gptq:6/6"][0] and rows["gptq:5/4"][0] < 0.9 * rows["gptq:6/6"][0]
