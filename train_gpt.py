@@ -1148,13 +1148,36 @@ def main():
             opt.load_state_dict(state)
         log0(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
 
-    loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
-    # GPTQ's calibration forwards count as training time: each is reserved as one whole training micro-step.
+    sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
+
+    def calibrate(batches) -> dict[str, Tensor]:
+        with autocast():
+            hessians = collect_hessians(model, batches)
+        if distributed:
+            for H in hessians.values():
+                dist.all_reduce(H)
+        return hessians
+
+    # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
+    # calibration batch now (after a first, loading call) and end training early enough for all of them.
     calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if args.gptq_calib_tokens > 0 else 0
-    reserve = 1 + calib_batches / args.grad_accum_steps
+    calib_reserve_ms = torch.zeros((), device=device, dtype=torch.float64)
+    if calib_batches:
+        probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]
+        calibrate(probe)
+        sync()
+        t = time.perf_counter()
+        calibrate(probe)
+        sync()
+        calib_reserve_ms += 1.25 * calib_batches * 1000 * (time.perf_counter() - t)
+        if distributed:
+            dist.all_reduce(calib_reserve_ms, op=dist.ReduceOp.MAX)
+        log0(f"gptq: {calib_batches} calibration batches after training, {calib_reserve_ms.item():.0f}ms of the training time reserved")
+    calib_reserve_ms = calib_reserve_ms.item()
+
+    loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
     ema = [p.detach().float().clone() for p in model.parameters()]
     train_ms, step, stop = 0.0, 0, False
-    sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
     sync()
     t0 = time.perf_counter()
     while not stop:
@@ -1173,7 +1196,7 @@ def main():
         train_ms = elapsed.item()
         step_avg = train_ms / step
         stop = step >= args.iterations or (
-            args.max_wallclock_seconds > 0 and train_ms + reserve * step_avg > 1000 * args.max_wallclock_seconds)
+            args.max_wallclock_seconds > 0 and train_ms + step_avg + calib_reserve_ms > 1000 * args.max_wallclock_seconds)
         if step % args.train_log_every == 0 or step <= 10 or stop:
             if distributed:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
@@ -1192,11 +1215,7 @@ def main():
     hessians = None
     if calib_batches:
         t = time.perf_counter()
-        with autocast():
-            hessians = collect_hessians(model, (loader.next_batch(local_tokens, args.train_seq_len, device)[0] for _ in range(calib_batches)))
-        if distributed:
-            for H in hessians.values():
-                dist.all_reduce(H)
+        hessians = calibrate(loader.next_batch(local_tokens, args.train_seq_len, device)[0] for _ in range(calib_batches))
         sync()
         calib_ms = 1000 * (time.perf_counter() - t)
         train_ms += calib_ms

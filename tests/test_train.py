@@ -90,3 +90,14 @@ def test_bad_eval_settings_are_refused(dataset, tmp_path):
                          ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128")):
         result = run_script(str(tmp_path), env_for(dataset, "bad", ITERATIONS=1, **env), check=False)
         assert result.returncode != 0 and message in result.stderr
+
+
+def test_training_ends_early_enough_for_the_gptq_calibration(dataset, tmp_path):
+    """The calibration's time is measured before training and reserved inside MAX_WALLCLOCK_SECONDS: with a
+    reserve larger than the budget, training stops after its first step."""
+    run_script(str(tmp_path), env_for(dataset, "reserve", MODEL_DIM=256, ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=1,
+                                      GRAD_ACCUM_STEPS=1, GPTQ_CALIB_TOKENS=2048 * 80))
+    log = (tmp_path / "logs" / "reserve.txt").read_text()
+    reserved = float(re.search(r"gptq: 80 calibration batches after training, (\d+)ms of the training time reserved", log).group(1))
+    assert reserved > 1000 and "training: 1 steps" in log
+    assert "gptq: Hessians of 12 matrices from 163840 training tokens" in log and "WARNING: training + calibration exceeded" in log
