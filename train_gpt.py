@@ -882,44 +882,49 @@ def export_kind(name: str, t: Tensor) -> str:
 
 
 def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-qmax, qmax] with an fp16 scale per row, clip searched per row."""
+    """Symmetric per-row quantization to [-qmax, qmax] with an fp16 scale per row, clip searched per row. w: one
+    matrix or a stack of them."""
     w = w.float()
-    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    amax = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)
     best_q, best_s, best_err = None, None, None
     for ratio in CLIP_RATIOS:
         s = (amax * ratio / qmax).half().float()
         q = torch.clamp(torch.round(w / s), -qmax, qmax)
-        err = (q * s - w).square().sum(dim=1, keepdim=True)
+        err = (q * s - w).square().sum(dim=-1, keepdim=True)
         if best_err is None:
             best_q, best_s, best_err = q, s, err
         else:
             better = err < best_err
             best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
-    return best_q.to(torch.int8), best_s.squeeze(1).half()
+    return best_q.to(torch.int8), best_s.squeeze(-1).half()
 
 
 def gptq_quantize(w: Tensor, H: Tensor, qmax: int, block: int = 128) -> tuple[Tensor, Tensor]:
     """GPTQ (Frantar et al., 2022) with quantize_rows' scales: columns are rounded one at a time, in order of
     decreasing input energy (H's diagonal), and each rounding error is spread over the columns not yet rounded
-    through the inverse of H = sum of x x^T over the calibration inputs, so that x.w stays close."""
+    through the inverse of H = sum of x x^T over the calibration inputs, so that x.w stays close. w: one matrix
+    (rows, cols) or a stack of same-shape ones (n, rows, cols), with H (cols, cols) or (n, cols, cols)."""
     _, scale = quantize_rows(w, qmax)
-    s, w, H = scale.float()[:, None], w.float().clone(), H.float().clone()
-    dead = H.diagonal() == 0
-    H.diagonal()[dead], w[:, dead] = 1, 0
-    H.diagonal().add_(0.01 * H.diagonal().mean())  # dampening, as in the paper
-    perm = H.diagonal().argsort(descending=True)
-    w, H = w[:, perm], H[perm][:, perm]
+    s, w, H = scale.float().unsqueeze(-1), w.float().clone(), H.float().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1
+    w.masked_fill_(dead.unsqueeze(-2), 0)
+    diag.add_(0.01 * diag.mean(-1, keepdim=True))  # dampening, as in the paper
+    perm = diag.argsort(-1, descending=True)
+    w = w.gather(-1, perm.unsqueeze(-2).expand_as(w))
+    H = H.gather(-1, perm.unsqueeze(-2).expand_as(H)).gather(-2, perm.unsqueeze(-1).expand_as(H))
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     q = torch.empty_like(w)
-    for a in range(0, w.size(1), block):
-        b = min(a + block, w.size(1))
-        err = torch.empty(w.size(0), b - a, device=w.device)
+    for a in range(0, w.size(-1), block):
+        b = min(a + block, w.size(-1))
+        err = w.new_empty(*w.shape[:-1], b - a)
         for i in range(a, b):
-            q[:, i] = torch.clamp(torch.round(w[:, i] / s[:, 0]), -qmax, qmax)
-            err[:, i - a] = (w[:, i] - q[:, i] * s[:, 0]) / U[i, i]
-            w[:, i:b] -= err[:, i - a, None] * U[i, i:b]
-        w[:, b:] -= err @ U[a:b, b:]
-    return q[:, perm.argsort()].to(torch.int8), scale
+            q[..., i] = torch.clamp(torch.round(w[..., i] / s[..., 0]), -qmax, qmax)
+            err[..., i - a] = (w[..., i] - q[..., i] * s[..., 0]) / U[..., i, i, None]
+            w[..., i:b] -= err[..., i - a, None] * U[..., None, i, i:b]
+        w[..., b:] -= err @ U[..., a:b, b:]
+    return torch.empty_like(q).scatter_(-1, perm.unsqueeze(-2).expand_as(q), q).to(torch.int8), scale
 
 
 def _add_outer(H: Tensor, x: Tensor):
@@ -960,13 +965,19 @@ def serialize(state: dict[str, Tensor], max_bytes: int | None = None, hessians: 
     Over max_bytes, int6 entries of +-1 are set to 0, those adding the least squared error first, in rounds
     sized by the bytes the previous round saved, until the artifact fits or none is left."""
     index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each int6 +-1
+    by_gptq, same_shape = {}, collections.defaultdict(list)  # GPTQ runs on each group of same-shape matrices at once
+    for name in hessians or {}:
+        same_shape[state[name].shape, export_kind(name, state[name])].append(name)
+    for (_, kind), names in same_shape.items():
+        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]), torch.stack([hessians[n] for n in names]), QMAX[kind])
+        by_gptq.update(zip(names, zip(q, scale)))
     for name, t in state.items():
         kind = export_kind(name, t)
         if kind == "fp16":
             parts.append(t.detach().cpu().half().numpy())
         else:
             w = t.detach().reshape(t.size(0), -1).float()
-            q, scale = gptq_quantize(w, hessians[name], QMAX[kind]) if name in (hessians or {}) else quantize_rows(w, QMAX[kind])
+            q, scale = by_gptq[name] if name in by_gptq else quantize_rows(w, QMAX[kind])
             w, q, scale = w.cpu(), q.cpu(), scale.cpu()
             if kind == "int6":
                 unit = q.abs() == 1

@@ -252,3 +252,15 @@ def test_export_with_hessians_quantizes_those_matrices_by_gptq():
             assert out_err(by_gptq[name]) < out_err(by_rounding[name])
         else:
             assert torch.equal(by_gptq[name], by_rounding[name])
+
+
+def test_gptq_on_a_stack_equals_gptq_on_each_matrix():
+    torch.manual_seed(0)
+    w = torch.randn(3, 48, 96)
+    H = torch.stack([(lambda x: x.T @ x)(correlated_inputs(seed=i)) for i in range(3)])
+    H[1, 7] = H[1, :, 7] = 0  # an unused input in one of them
+    q, scale = tg.gptq_quantize(w, H, 31)
+    for i in range(3):
+        q_i, scale_i = tg.gptq_quantize(w[i], H[i], 31)
+        assert torch.equal(q[i], q_i) and torch.equal(scale[i], scale_i)
+    assert (q[1, :, 7] == 0).all() and (q[0, :, 7] != 0).any()
