@@ -91,6 +91,8 @@ class Hyperparameters:
         self.val_batch_tokens = get("val_batch_tokens", 524288, int)
         self.artifact_path = get("artifact_path", "final_model.int6.ptz")
         self.gptq_calib_tokens = get("gptq_calib_tokens", 524288, int)  # training tokens for GPTQ's Hessians; 0: rounding
+        self.mixer_bits = get("mixer_bits", 6, int)  # attention and SSM block matrices
+        self.mlp_bits = get("mlp_bits", 6, int)
 
     @property
     def train_files(self):
@@ -862,22 +864,21 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- quantization and export
-# Large block matrices: int6 per row, each row's clip chosen from a few ratios of its max by squared error,
-# rounded by GPTQ on Hessians from training data read inside the training window (a rule of the challenge).
-# The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor: fp16. An artifact over the
-# cap is made to fit by zeroing the cheapest int6 +-1 entries (zeros compress best).
+# Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip chosen from a few ratios
+# of its max by squared error, rounded by GPTQ on Hessians from training data read inside the training window
+# (a rule of the challenge). The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor:
+# fp16. An artifact over the cap is made to fit by zeroing the cheapest +-1 entries of the block matrices.
 
-INT6_MIN_NUMEL = 65536
-QMAX = {"int8": 127, "int6": 31}
+QUANT_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
 SIZE_CAP_BYTES = 16_000_000
 
 
 def export_kind(name: str, t: Tensor) -> str:
     if name == "tok_emb.weight":
-        return "int8"
-    if t.dim() == 2 and t.numel() >= INT6_MIN_NUMEL and not any(s in name for s in SSM_SENSITIVE):
-        return "int6"
+        return "embed"
+    if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and not any(s in name for s in SSM_SENSITIVE):
+        return "mlp" if ".mlp." in name else "mixer"
     return "fp16"
 
 
@@ -934,10 +935,10 @@ def _add_outer(H: Tensor, x: Tensor):
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
-    """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as int6, over the batches."""
+    """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as a block matrix, over the batches."""
     hessians, hooks = {}, []
     for name, m in model.named_modules():
-        if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) == "int6":
+        if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) in ("mixer", "mlp"):
             H = hessians[name + ".weight"] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
             hooks.append(m.register_forward_pre_hook(lambda _, inp, H=H: _add_outer(H, inp[0])))
     for x in batches:
@@ -959,17 +960,19 @@ def compress(payload: bytes) -> bytes:
     return min(candidates, key=len)
 
 
-def serialize(state: dict[str, Tensor], max_bytes: int | None = None, hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
-    """Quantized tensors (by GPTQ where hessians has the tensor's H, else by rounding) as a JSON index and raw
-    little-endian bytes, compressed: (artifact, entries zeroed).
-    Over max_bytes, int6 entries of +-1 are set to 0, those adding the least squared error first, in rounds
-    sized by the bytes the previous round saved, until the artifact fits or none is left."""
-    index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each int6 +-1
+def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | None = None,
+              hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
+    """Tensors quantized to bits[export kind] (by GPTQ where hessians has the tensor's H, else by rounding) as a
+    JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed).
+    Over max_bytes, block-matrix entries of +-1 are set to 0, those adding the least squared error first, in
+    rounds sized by the bytes the previous round saved, until the artifact fits or none is left."""
+    qmax = {kind: 2 ** (b - 1) - 1 for kind, b in bits.items()}
+    index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each block-matrix +-1
     by_gptq, same_shape = {}, collections.defaultdict(list)  # GPTQ runs on each group of same-shape matrices at once
     for name in hessians or {}:
         same_shape[state[name].shape, export_kind(name, state[name])].append(name)
     for (_, kind), names in same_shape.items():
-        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]), torch.stack([hessians[n] for n in names]), QMAX[kind])
+        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]), torch.stack([hessians[n] for n in names]), qmax[kind])
         by_gptq.update(zip(names, zip(q, scale)))
     for name, t in state.items():
         kind = export_kind(name, t)
@@ -977,9 +980,9 @@ def serialize(state: dict[str, Tensor], max_bytes: int | None = None, hessians: 
             parts.append(t.detach().cpu().half().numpy())
         else:
             w = t.detach().reshape(t.size(0), -1).float()
-            q, scale = by_gptq[name] if name in by_gptq else quantize_rows(w, QMAX[kind])
+            q, scale = by_gptq[name] if name in by_gptq else quantize_rows(w, qmax[kind])
             w, q, scale = w.cpu(), q.cpu(), scale.cpu()
-            if kind == "int6":
+            if kind != "embed":
                 unit = q.abs() == 1
                 cost = w.square() - (w - q * scale.float()[:, None]).square()
                 ones.append((cost[unit], torch.full((int(unit.sum()),), len(parts)), unit.flatten().nonzero().squeeze(1)))
@@ -1088,6 +1091,9 @@ def main():
         raise ValueError(f"EVAL_MODE={args.eval_mode}: expected flat, sliding or stateful")
     if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
         raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
+    if not 2 <= args.mixer_bits <= 8 or not 2 <= args.mlp_bits <= 8:
+        raise ValueError(f"MIXER_BITS={args.mixer_bits} and MLP_BITS={args.mlp_bits} must be between 2 and 8")
+    bits = {"embed": 8, "mixer": args.mixer_bits, "mlp": args.mlp_bits}
     os.makedirs("logs", exist_ok=True)
     log_path = f"logs/{args.run_id}.txt"
 
@@ -1240,9 +1246,9 @@ def main():
 
     t = time.perf_counter()
     if master:
-        blob, zeroed = serialize(model.state_dict(), SIZE_CAP_BYTES - len(code), hessians)
+        blob, zeroed = serialize(model.state_dict(), bits, SIZE_CAP_BYTES - len(code), hessians)
         if zeroed:
-            log0(f"export: {zeroed} int6 entries of +-1 set to 0 to fit the cap")
+            log0(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
         with open(args.artifact_path, "wb") as f:
             f.write(blob)
     if distributed:
@@ -1256,8 +1262,9 @@ def main():
         raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
     log0(f"artifact sha256:{digests[0]} (the same bytes on all {world} ranks)")
     total = len(blob) + len(code)
-    log0(f"Serialized model int6+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
-    log0(f"Total submission size int6: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")
+    label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or e.g. int6/int5
+    log0(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
+    log0(f"Total submission size {label}: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")
     over_cap = total > SIZE_CAP_BYTES
     if over_cap:
         log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")

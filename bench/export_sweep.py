@@ -3,8 +3,8 @@
     python3 bench/export_sweep.py [--variants gptq:6/6,round:6/6,gptq:6/5,...]
 Runs train_gpt.py's main() with the settings in the environment (e.g. the P1 command's): it trains, exports and
 scores as usual. Then the same EMA weights are exported again under each variant, METHOD:MIXER_BITS/MLP_BITS
-(METHOD: gptq, with that run's Hessians, or round; bits of the attention/SSM block matrices and of the MLP
-matrices; the embedding and fp16 tensors as in the script), read back and scored with flat windows. One row per
+(METHOD: gptq, with that run's Hessians, or round; the MIXER_BITS and MLP_BITS of the script; the embedding
+and the fp16 tensors as in the script), read back and scored with flat windows. One row per
 variant: compressed model bytes, code + model bytes, flat val_bpb, export seconds. No size cap is applied.
 """
 import argparse
@@ -28,16 +28,6 @@ def parse_variant(spec: str) -> tuple[str, int, int]:
     return method, mixer_bits, mlp_bits
 
 
-def kind_with_bits(base, mixer_bits: int, mlp_bits: int):
-    """base (the script's export_kind) with its int6 matrices re-assigned to the variant's bit widths."""
-
-    def kind(name, t):
-        k = base(name, t)
-        return k if k != "int6" else f"int{mlp_bits if '.mlp.' in name else mixer_bits}"
-
-    return kind
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
@@ -45,9 +35,9 @@ def main():
     captured = {}
     serialize, compile_, GPT = tg.serialize, torch.compile, tg.GPT
 
-    def capture_serialize(state, max_bytes=None, hessians=None):
+    def capture_serialize(state, bits, max_bytes=None, hessians=None):
         captured.setdefault("export", ({k: v.detach().clone() for k, v in state.items()}, hessians))
-        return serialize(state, max_bytes, hessians)
+        return serialize(state, bits, max_bytes, hessians)
 
     class CapturedGPT(GPT):
         def __init__(self, *a, **kw):
@@ -74,20 +64,15 @@ def main():
     batch = max(1, args.val_batch_tokens // args.eval_seq_len)
     state, hessians = captured["export"]
     code_bytes = os.path.getsize(tg.__file__)
-    tg.QMAX.update({f"int{b}": 2 ** (b - 1) - 1 for b in range(2, 9)})
-    rows, export_kind = [], tg.export_kind
-    try:
-        for method, mixer_bits, mlp_bits in variants:
-            tg.export_kind = kind_with_bits(export_kind, mixer_bits, mlp_bits)
-            t = time.perf_counter()
-            blob, _ = tg.serialize(state, None, hessians if method == "gptq" else None)
-            seconds = time.perf_counter() - t
-            model.load_state_dict(tg.deserialize(blob))
-            _, bpb = tg.evaluate(scorer, val, luts, args.eval_seq_len, 0, batch, 0, 1)
-            rows.append((f"{method}:{mixer_bits}/{mlp_bits}", len(blob), len(blob) + code_bytes, bpb, seconds))
-            print(f"sweep {rows[-1][0]} model_bytes:{rows[-1][1]} total_bytes:{rows[-1][2]} val_bpb:{bpb:.6f} export_s:{seconds:.1f}", flush=True)
-    finally:
-        tg.export_kind = export_kind
+    rows = []
+    for method, mixer_bits, mlp_bits in variants:
+        t = time.perf_counter()
+        blob, _ = tg.serialize(state, {"embed": 8, "mixer": mixer_bits, "mlp": mlp_bits}, None, hessians if method == "gptq" else None)
+        seconds = time.perf_counter() - t
+        model.load_state_dict(tg.deserialize(blob))
+        _, bpb = tg.evaluate(scorer, val, luts, args.eval_seq_len, 0, batch, 0, 1)
+        rows.append((f"{method}:{mixer_bits}/{mlp_bits}", len(blob), len(blob) + code_bytes, bpb, seconds))
+        print(f"sweep {rows[-1][0]} model_bytes:{rows[-1][1]} total_bytes:{rows[-1][2]} val_bpb:{bpb:.6f} export_s:{seconds:.1f}", flush=True)
     print("\n| variant (method:mixer/MLP bits) | model bytes | code + model | flat val_bpb | export s |\n|---|---|---|---|---|")
     for name, model_bytes, total, bpb, seconds in rows:
         print(f"| {name} | {model_bytes:,} | {total:,} | {bpb:.5f} | {seconds:.1f} |")
