@@ -906,7 +906,8 @@ def gptq_quantize(w: Tensor, H: Tensor, qmax: int, block: int = 128) -> tuple[Te
     through the inverse of H = sum of x x^T over the calibration inputs, so that x.w stays close. w: one matrix
     (rows, cols) or a stack of same-shape ones (n, rows, cols), with H (cols, cols) or (n, cols, cols)."""
     _, scale = quantize_rows(w, qmax)
-    s, w, H = scale.float().unsqueeze(-1), w.float().clone(), H.float().clone()
+    # float64 copies: no TF32 in the updates, a stable Cholesky, and the caller's tensors stay untouched
+    s, w, H = scale.double().unsqueeze(-1), w.to(torch.float64, copy=True), H.to(torch.float64, copy=True)
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1

@@ -1,5 +1,5 @@
 """CUDA-only checks (skipped elsewhere): mamba-ssm's kernel, the Triton kernel and the torch scan agree,
-standalone and inside the model, eager and under torch.compile(fullgraph=True)."""
+standalone and inside the model, eager and under torch.compile(fullgraph=True); GPTQ gives the CPU's integers."""
 import pytest
 import torch
 
@@ -99,3 +99,15 @@ def test_stateful_windows_agree_between_triton_and_torch_scans(monkeypatch):
     fast = windows()
     monkeypatch.setattr(tg, "triton", None)  # the mixer then carries the state through the torch scan
     assert rel(fast, windows()) < 1e-2
+
+
+def test_gptq_on_cuda_matches_cpu():
+    """The export's GPTQ on the GPU (as at record time) gives the CPU's integers, on a stack of 512-wide matrices
+    with Hessians of correlated inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 512, generator=g) @ (torch.eye(512) + 0.05 * torch.randn(512, 512, generator=g))
+    w, H = 0.02 * torch.randn(4, 384, 512, generator=g), (x.T @ x).expand(4, 512, 512).contiguous()
+    q_cpu, scale_cpu = tg.gptq_quantize(w, H, 31)
+    q_gpu, scale_gpu = tg.gptq_quantize(w.cuda(), H.cuda(), 31)
+    assert torch.equal(scale_gpu.cpu(), scale_cpu)
+    assert (q_gpu.cpu() != q_cpu).float().mean() < 1e-4  # float64 on both; only exact ties could differ
