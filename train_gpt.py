@@ -1179,7 +1179,7 @@ def main():
     # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
     # calibration batch now (after a first, loading call) and end training early enough for all of them.
     calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if args.gptq_calib_tokens > 0 else 0
-    calib_reserve_ms = torch.zeros((), device=device, dtype=torch.float64)
+    calib_reserve_ms = 0.0
     if calib_batches:
         probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]
         calibrate(probe)
@@ -1187,11 +1187,11 @@ def main():
         t = time.perf_counter()
         calibrate(probe)
         sync()
-        calib_reserve_ms += 1.25 * calib_batches * 1000 * (time.perf_counter() - t)
-        if distributed:
-            dist.all_reduce(calib_reserve_ms, op=dist.ReduceOp.MAX)
-        log0(f"gptq: {calib_batches} calibration batches after training, {calib_reserve_ms.item():.0f}ms of the training time reserved")
-    calib_reserve_ms = calib_reserve_ms.item()
+        reserve = torch.tensor(1.25 * calib_batches * 1000 * (time.perf_counter() - t), device=device, dtype=torch.float64)
+        if distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
+            dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
+        calib_reserve_ms = reserve.item()
+        log0(f"gptq: {calib_batches} calibration batches after training, {calib_reserve_ms:.0f}ms of the training time reserved")
 
     loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
     ema = [p.detach().float().clone() for p in model.parameters()]
