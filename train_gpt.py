@@ -51,7 +51,7 @@ class Hyperparameters:
         self.rope_base = get("rope_base", 10000.0, float)
         self.qk_gain_init = get("qk_gain_init", 1.5, float)
         self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
-        self.ssm_expand = get("ssm_expand", 1, int)
+        self.ssm_inner = get("ssm_inner", self.model_dim // 2, int)  # the Mamba branch's width (d_inner)
         self.ssm_state = get("ssm_state", 8, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -757,7 +757,7 @@ class HymbaMixer(nn.Module):
         if dim % self.heads or self.heads % self.kv_heads:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS and NUM_HEADS by NUM_KV_HEADS")
         self.head_dim = dim // self.heads
-        self.d_inner, self.d_state, self.dt_rank = args.ssm_expand * dim, args.ssm_state, args.ssm_dt_rank
+        self.d_inner, self.d_state, self.dt_rank = args.ssm_inner, args.ssm_state, args.ssm_dt_rank
         self.scan_fn, self.conv_fn = scan_fn, conv_fn
         kv_dim = self.kv_heads * self.head_dim
         self.splits = (kv_dim, kv_dim, self.d_inner, self.d_inner)

@@ -34,7 +34,7 @@ def attention_only(self, x, carry=None):
 
 def flops_per_token(args, attention: bool) -> float:
     """Matmul FLOPs of one training token (forward + backward = 3x forward), causal attention included."""
-    dim, di, kv = args.model_dim, args.ssm_expand * args.model_dim, args.num_kv_heads * args.model_dim // args.num_heads
+    dim, di, kv = args.model_dim, args.ssm_inner, args.num_kv_heads * args.model_dim // args.num_heads
     if attention:
         per_layer = dim * dim + dim * 2 * kv + dim * dim
     else:

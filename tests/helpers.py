@@ -24,6 +24,7 @@ def small_args(**kw):
     args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.ssm_dt_rank, args.mlp_mult = 2, 64, 4, 2, 8, 2
     for k, v in kw.items():
         setattr(args, k, v)
+    args.ssm_inner = kw.get("ssm_inner", args.model_dim // 2)
     return args
 
 
