@@ -42,7 +42,7 @@ class Hyperparameters:
         self.seed = get("seed", 1337, int)
         # model
         self.vocab_size = get("vocab_size", 1024, int)
-        self.num_layers = get("num_layers", 7, int)
+        self.num_layers = get("num_layers", 8, int)
         self.model_dim = get("model_dim", 512, int)
         self.num_heads = get("num_heads", 8, int)
         self.num_kv_heads = get("num_kv_heads", 4, int)
@@ -52,7 +52,7 @@ class Hyperparameters:
         self.qk_gain_init = get("qk_gain_init", 1.5, float)
         self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
         self.ssm_inner = get("ssm_inner", self.model_dim // 2, int)  # the Mamba branch's width (d_inner)
-        self.ssm_state = get("ssm_state", 8, int)
+        self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
         self.dt_min = get("dt_min", 1e-3, float)
