@@ -29,10 +29,11 @@ def small_args(**kw):
 
 
 def unzero_output_projections(model, std):
-    """Random mixer and MLP output projections (zero at init), so that both reach the logits and the gradients."""
-    for block in model.blocks:
-        torch.nn.init.normal_(block.mixer.out_proj.weight, std=std)
-        torch.nn.init.normal_(block.mlp.proj.weight, std=std)
+    """Random weights for every projection that is zero at init (the mixers' and MLPs' outputs, any extra input
+    path), so that everything reaches the logits and the gradients."""
+    for m in model.modules():
+        if isinstance(m, tg.CastedLinear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=std)
 
 
 def corpus():
