@@ -124,8 +124,7 @@ def test_export_over_budget_zeroes_the_cheapest_unit_entries_until_it_fits():
 def test_fullgraph_compile_matches_eager():
     torch.manual_seed(0)
     model = tg.GPT(small_args(num_layers=1))
-    for block in model.blocks:
-        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
+    unzero_output_projections(model, std=0.05)
     x = torch.randint(0, 1024, (2, 48))
     grads = []
     for run in (model, torch.compile(model, fullgraph=True, dynamic=False)):
@@ -243,9 +242,7 @@ def test_collect_hessians_sums_each_block_matrix_layers_inputs():
 def test_export_with_hessians_quantizes_those_matrices_by_gptq():
     torch.manual_seed(0)
     model = tg.GPT(small_args(model_dim=256))
-    for block in model.blocks:  # zero-initialised projections would make rounding exact
-        torch.nn.init.normal_(block.mixer.out_proj.weight, std=0.05)
-        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    unzero_output_projections(model, std=0.05)  # zero-initialised projections would make rounding exact
     hessians = tg.collect_hessians(model, [torch.randint(0, 1024, (2, 64))])
     state = model.state_dict()
     by_gptq, by_rounding = tg.deserialize(tg.serialize(state, BITS, None, hessians)[0]), tg.deserialize(tg.serialize(state, BITS)[0])
