@@ -51,6 +51,8 @@ class Hyperparameters:
         self.rope_base = get("rope_base", 10000.0, float)
         self.qk_gain_init = get("qk_gain_init", 1.5, float)
         self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
+        self.value_embed_dim = get("value_embed_dim", 128, int)  # a token embedding added to attention's values
+        self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
         self.ssm_inner = get("ssm_inner", self.model_dim // 2, int)  # the Mamba branch's width (d_inner)
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
@@ -779,12 +781,15 @@ class HymbaMixer(nn.Module):
         self.merge_alpha = nn.Parameter(torch.zeros(()))
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, carry: dict | None = None) -> Tensor:
-        """carry (stateful evaluation, forward only): this layer's state after the previous window of the same
-        sequences ({} before the first), replaced by the state after this one. Queries then also attend to the
-        previous window's keys, up to that window's length back; the conv and the scan continue where it ended."""
+    def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
+        """value_embed: added to the values (B, T, kv_dim). carry (stateful evaluation, forward only): this layer's
+        state after the previous window of the same sequences ({} before the first), replaced by the state after
+        this one. Queries then also attend to the previous window's keys, up to that window's length back; the
+        conv and the scan continue where it ended."""
         B, T, _ = x.shape
         k, v, xs, z = self.in_proj(x).split(self.splits, dim=-1)
+        if value_embed is not None:
+            v = v + value_embed
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         q = norm(q) * self.q_gain.to(q.dtype)[:, None, None]
         k = norm(k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2))
@@ -837,8 +842,8 @@ class Block(nn.Module):
         self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
 
-    def forward(self, x: Tensor, carry: dict | None = None) -> Tensor:
-        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x), carry)
+    def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
+        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x), value_embed, carry)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
 
 
@@ -849,13 +854,24 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn) for _ in range(args.num_layers))
+        # Value embeddings: one table and projection (from zero) shared by the last VALUE_EMBED_LAYERS layers,
+        # each with its own gain, so that those layers' values carry the token's identity at little compute.
+        self.value_embed = nn.Embedding(args.vocab_size, args.value_embed_dim)
+        nn.init.normal_(self.value_embed.weight, std=0.02)
+        self.value_proj = CastedLinear(args.value_embed_dim, args.num_kv_heads * args.model_dim // args.num_heads, zero_init=True)
+        if args.value_embed_layers < 1:
+            raise ValueError(f"VALUE_EMBED_LAYERS={args.value_embed_layers} must be at least 1")
+        self.value_gains = nn.Parameter(torch.ones(min(args.value_embed_layers, args.num_layers)))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, carry: list[dict] | None = None) -> Tensor:
         """Logits (softcapped), or the mean cross-entropy when targets are given. carry: one state per block,
         for reading a stream window by window (see HymbaMixer.forward)."""
         x = norm(self.tok_emb(idx))
-        for block, block_carry in zip(self.blocks, carry or [None] * len(self.blocks)):
-            x = block(x, block_carry)
+        ve = self.value_proj(self.value_embed(idx))
+        first_ve = len(self.blocks) - len(self.value_gains)
+        for i, block in enumerate(self.blocks):
+            block_ve = self.value_gains[i - first_ve].to(ve.dtype) * ve if i >= first_ve else None
+            x = block(x, block_ve, carry[i] if carry is not None else None)
         logits = F.linear(norm(x), self.tok_emb.weight.to(x.dtype))
         logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         if targets is None:
@@ -875,7 +891,7 @@ SIZE_CAP_BYTES = 16_000_000
 
 
 def export_kind(name: str, t: Tensor) -> str:
-    if name == "tok_emb.weight":
+    if name in ("tok_emb.weight", "value_embed.weight"):
         return "embed"
     if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and not any(s in name for s in SSM_SENSITIVE):
         return "mlp" if ".mlp." in name else "mixer"
@@ -1048,17 +1064,18 @@ def lr_scale(progress: float, warmdown_frac: float) -> float:
 
 
 def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
-    """Muon for the blocks' projection matrices; Adam for the embedding, for the SSM's sensitive tensors (at
-    SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
+    """Muon for the projection matrices; Adam for the embeddings (token, value), for the SSM's sensitive tensors
+    (at SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
     named = dict(model.named_parameters())
     ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
     ssm_ids = {id(p) for p in ssm}
-    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
-    seen = ssm_ids | {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
+    embeddings = [model.tok_emb.weight, model.value_embed.weight]
+    seen = ssm_ids | {id(p) for p in matrices + embeddings}
     others = [p for p in named.values() if id(p) not in seen]
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
     optimizers = [
-        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": args.tied_embed_lr},
+        torch.optim.Adam([{"params": embeddings, "lr": args.tied_embed_lr},
                           {"params": ssm, "lr": args.ssm_lr}, {"params": others, "lr": args.scalar_lr}], **adam),
         Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
     ]

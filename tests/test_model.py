@@ -29,7 +29,8 @@ def test_optimizer_assignment():
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = [names[id(p)] for p in muon.param_groups[0]["params"]]
     assert not any(s in n for n in muon_names for s in tg.SSM_SENSITIVE)  # no A_log, dt, conv or D under Muon
-    assert all(p.dim() == 2 for p in muon.param_groups[0]["params"]) and len(muon_names) == 2 * 7
+    assert all(p.dim() == 2 for p in muon.param_groups[0]["params"]) and len(muon_names) == 2 * 7 + 1  # + value_proj
+    assert {names[id(p)] for p in adam.param_groups[0]["params"]} == {"tok_emb.weight", "value_embed.weight"}
     ssm_group = adam.param_groups[1]
     assert ssm_group["lr"] == small_args().ssm_lr and {names[id(p)].split(".")[-1] for p in ssm_group["params"]} == \
         {"A_log", "weight", "dt_bias", "conv_weight", "conv_bias", "D_skip"}
@@ -62,7 +63,8 @@ def test_export_round_trip_and_byte_accounting(bits):
     torch.manual_seed(0)
     state = tg.GPT(small_args(model_dim=256)).state_dict()
     kinds = {n: tg.export_kind(n, t) for n, t in state.items()}
-    assert kinds["tok_emb.weight"] == "embed" and kinds["blocks.0.mlp.fc.weight"] == "mlp" and kinds["blocks.0.mixer.in_proj.weight"] == "mixer"
+    assert kinds["tok_emb.weight"] == kinds["value_embed.weight"] == "embed"
+    assert kinds["blocks.0.mlp.fc.weight"] == "mlp" and kinds["blocks.0.mixer.in_proj.weight"] == "mixer"
     assert {kinds[n] for n in state if any(s in n for s in tg.SSM_SENSITIVE)} == {"fp16"}
     blob, zeroed = tg.serialize(state, bits)
     assert zeroed == 0
@@ -189,6 +191,32 @@ def test_xsa_removes_each_heads_own_value_direction():
     v_of_head = v.repeat_interleave(args.num_heads // args.num_kv_heads, dim=2)
     assert (attn * v_of_head).sum(-1).abs().max() < 1e-12
     assert attn[:, 0].abs().max() < 1e-12 and attn[:, 1:].abs().amin(-1).amin(-1).min() > 0
+
+
+def test_value_embeddings_are_added_to_the_last_layers_values():
+    """Each of the last VALUE_EMBED_LAYERS mixers gets gain * value_proj(value_embed(idx)), the others nothing,
+    and a mixer adds it to its values exactly as if in_proj's V had it (not to the queries, keys or SSM input)."""
+    torch.manual_seed(0)
+    args = small_args(num_layers=3, value_embed_layers=2)
+    model = tg.GPT(args).double()
+    unzero_output_projections(model, std=0.05)
+    with torch.no_grad():
+        model.value_gains.copy_(torch.tensor([0.5, -2.0]))
+    received = []
+    hooks = [b.mixer.register_forward_pre_hook(lambda _, inputs: received.append(inputs[1])) for b in model.blocks]
+    idx = torch.randint(0, 1024, (2, 12))
+    model(idx)
+    for h in hooks:
+        h.remove()
+    ve = model.value_proj(model.value_embed(idx).double())
+    assert received[0] is None and torch.equal(received[1], 0.5 * ve) and torch.equal(received[2], -2.0 * ve)
+
+    mixer, (kv, _, di, _) = model.blocks[2].mixer, model.blocks[2].mixer.splits
+    x, e = torch.randn(2, 12, args.model_dim, dtype=torch.float64), torch.randn(2, 12, kv, dtype=torch.float64)
+    expected = mixer(x, e)
+    shift = torch.cat((torch.zeros_like(e), e, torch.zeros(2, 12, 2 * di, dtype=torch.float64)), -1)
+    mixer.in_proj.register_forward_hook(lambda _, inputs, out: out + shift)  # in_proj's V moved by e
+    assert torch.allclose(mixer(x), expected, rtol=0, atol=1e-12) and not torch.allclose(mixer(x), mixer(x, -e))
 
 
 def correlated_inputs(n=4096, d=96, seed=0):
