@@ -99,3 +99,29 @@ def test_export_sweep_repeats_the_scripts_own_export_and_scores_each_variant(dat
     assert rows["gptq:6/6"][0] == int(re.search(r"Serialized model int6\+\w+: (\d+) bytes", log).group(1))
     assert rows["gptq:6/6"][1] == pytest.approx(float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1)), abs=1e-6)
     assert rows["round:6/6"][0] != rows["gptq:6/6"][0] and rows["gptq:5/4"][0] < 0.9 * rows["gptq:6/6"][0]
+
+
+def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
+    """bench/p1_pair.sh with stand-in scripts that print the lines the table reads: one GPU and one folder per run,
+    the pair's own settings on top of the P1 command's (which they cannot override), both rows in the table."""
+    stub = ("import os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
+            "'MAX_WALLCLOCK_SECONDS', 'TRAIN_BATCH_TOKENS')), os.getcwd())\n"
+            "print('training: {s} steps in 239000ms, step_avg:{ms}ms peak_memory:13GiB')\n"
+            "print('pre_export val_loss:2.27 val_bpb:{pre} (EMA weights)')\n"
+            "print('Total submission size int6: {size} bytes (code 1 + model 2; cap 16000000)')\n"
+            "print('final_roundtrip_flat val_loss:2.27 val_bpb:{bpb} eval_time:1.0s')\n"
+            "open('logs/' + os.environ['RUN_ID'] + '.txt', 'w').write('log\\n')\n")
+    for name, vals in (("a.py", dict(s=4398, ms="54.40", pre=1.3649, size=15694627, bpb=1.36736)),
+                       ("b.py", dict(s=4309, ms="55.52", pre=1.3584, size=15900670, bpb=1.36058))):
+        (tmp_path / name).write_text(stub.format(**vals))
+    out = tmp_path / "out"
+    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out)}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"), f"first {tmp_path}/a.py EXTRA=x MAX_WALLCLOCK_SECONDS=9",
+                        f"second {tmp_path}/b.py"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, second = ((out / f"{t}.out").read_text().split("\n")[0].split() for t in ("first", "second"))
+    assert first[1:6] == ["0", "p1_first", "x", "240", "65536"] and second[1:6] == ["1", "p1_second", "None", "240", "65536"]
+    assert first[6] != second[6] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
+    assert rows == [["first", "54.40", "4398", "1.3649", "1.36736", "15694627"],
+                    ["second", "55.52", "4309", "1.3584", "1.36058", "15900670"]]
