@@ -20,11 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
 
-def attention_only(self, x, carry=None):
-    """HymbaMixer.forward without the SSM branch: q and the K/V rows of in_proj, attention, out_proj."""
+def attention_only(self, x, value_embed=None, carry=None):
+    """HymbaMixer.forward without the SSM branch: q and the K/V rows of in_proj (value embeddings added to V),
+    attention, out_proj."""
     B, T, _ = x.shape
-    kv = F.linear(x, self.in_proj.weight[: 2 * self.splits[0]].to(x.dtype))
-    k, v = kv.view(B, T, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+    k, v = F.linear(x, self.in_proj.weight[: 2 * self.splits[0]].to(x.dtype)).chunk(2, dim=-1)
+    if value_embed is not None:
+        v = v + value_embed
+    k, v = (t.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
     q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
     q = tg.norm(q) * self.q_gain.to(q.dtype)[:, None, None]
     y = F.scaled_dot_product_attention(tg.rotary(q, self.inv_freq), tg.rotary(tg.norm(k), self.inv_freq), v, is_causal=True,
@@ -40,7 +43,7 @@ def flops_per_token(args, attention: bool) -> float:
     else:
         per_layer = dim * dim + dim * (2 * kv + 2 * di) + di * (args.ssm_dt_rank + 2 * args.ssm_state) + args.ssm_dt_rank * di + di * dim + dim * dim
     per_layer += 2 * args.mlp_mult * dim * dim
-    fwd = 2 * (args.num_layers * per_layer + args.vocab_size * dim) + args.num_layers * 2 * args.train_seq_len * dim
+    fwd = 2 * (args.num_layers * per_layer + args.vocab_size * dim + args.value_embed_dim * kv) + args.num_layers * 2 * args.train_seq_len * dim
     return 3 * fwd
 
 

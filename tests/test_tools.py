@@ -1,4 +1,4 @@
-"""tools/summarize.py, tools/plot.py and bench/export_sweep.py on runs of the script itself (tiny CPU runs)."""
+"""tools/summarize.py, tools/plot.py and the bench/ scripts (export sweep, P1 pair, step time's attention-only mixer)."""
 import json
 import math
 import os
@@ -125,3 +125,26 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
     assert rows == [["first", "54.40", "4398", "1.3649", "1.36736", "15694627"],
                     ["second", "55.52", "4309", "1.3584", "1.36058", "15900670"]]
+
+
+def test_step_time_attention_only_variant_runs_in_the_model_with_value_embeddings(monkeypatch):
+    """bench/step_time.py's attention-only mixer takes the mixer's arguments, and the value embeddings reach it."""
+    import importlib.util
+
+    import torch
+
+    import train_gpt as tg
+    from helpers import small_args, unzero_output_projections
+
+    spec = importlib.util.spec_from_file_location("step_time", os.path.join(ROOT, "bench", "step_time.py"))
+    step_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_time)
+    monkeypatch.setattr(tg.HymbaMixer, "forward", step_time.attention_only)
+    torch.manual_seed(0)
+    model = tg.GPT(small_args(value_embed_layers=1))
+    unzero_output_projections(model, std=0.05)
+    x = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        before = model(x)
+        model.value_gains.fill_(3.0)
+        assert before.shape == (2, 16, 1024) and not torch.allclose(model(x), before)
