@@ -53,7 +53,7 @@ class Hyperparameters:
         self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
         self.value_embed_dim = get("value_embed_dim", 128, int)  # a token embedding added to attention's values
         self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
-        self.ssm_inner = get("ssm_inner", self.model_dim // 2, int)  # the Mamba branch's width (d_inner)
+        self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -835,16 +835,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: Hyperparameters, scan_fn, conv_fn):
+    """Pre-norm residual block; layer i's normalised inputs are scaled by 1/sqrt(i + 1), so that deeper layers
+    start with smaller updates to the residual stream."""
+
+    def __init__(self, args: Hyperparameters, scan_fn, conv_fn, layer: int):
         super().__init__()
         self.mixer = HymbaMixer(args, scan_fn, conv_fn)
         self.mlp = MLP(args.model_dim, args.mlp_mult)
         self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
+        self.input_scale = (layer + 1) ** -0.5
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
-        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x), value_embed, carry)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x))
+        x = x + self.mixer_scale.to(x.dtype) * self.mixer(norm(x) * self.input_scale, value_embed, carry)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(norm(x) * self.input_scale)
 
 
 class GPT(nn.Module):
@@ -853,7 +857,7 @@ class GPT(nn.Module):
         self.softcap = args.logit_softcap
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn) for _ in range(args.num_layers))
+        self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn, i) for i in range(args.num_layers))
         # Value embeddings: one table and projection (from zero) shared by the last VALUE_EMBED_LAYERS layers,
         # each with its own gain, so that those layers' values carry the token's identity at little compute.
         self.value_embed = nn.Embedding(args.vocab_size, args.value_embed_dim)
@@ -882,8 +886,9 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- quantization and export
 # Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip chosen from a few ratios
 # of its max by squared error, rounded by GPTQ on Hessians from training data read inside the training window
-# (a rule of the challenge). The embedding: int8 per row. The SSM's A/dt path, conv, D and every small tensor:
-# fp16. An artifact over the cap is made to fit by zeroing the cheapest +-1 entries of the block matrices.
+# (a rule of the challenge). The token and value embedding tables: int8 per row. The SSM's A/dt path, conv, D
+# and every small tensor: fp16. An artifact over the cap is made to fit by zeroing the cheapest +-1 entries of
+# the block matrices.
 
 QUANT_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)

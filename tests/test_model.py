@@ -294,3 +294,15 @@ def test_gptq_on_a_stack_equals_gptq_on_each_matrix():
         q_i, scale_i = tg.gptq_quantize(w[i], H[i], 31)
         assert torch.equal(q[i], q_i) and torch.equal(scale[i], scale_i)
     assert (q[1, :, 7] == 0).all() and (q[0, :, 7] != 0).any()
+
+
+def test_layer_i_reads_its_normalised_input_scaled_by_one_over_sqrt_i_plus_1():
+    torch.manual_seed(0)
+    model = tg.GPT(small_args(num_layers=3))
+    rms = {}
+    for i, block in enumerate(model.blocks):
+        for part in (block.mixer, block.mlp):
+            part.register_forward_pre_hook(lambda m, inp, i=i: rms.setdefault(i, []).append(inp[0].square().mean(-1).sqrt()))
+    model(torch.randint(0, 1024, (2, 16)))
+    for i in range(3):
+        assert all(torch.allclose(r, torch.full_like(r, (i + 1) ** -0.5), rtol=1e-3) for r in rms[i]) and len(rms[i]) == 2
