@@ -862,7 +862,7 @@ class GPT(nn.Module):
         # each with its own gain, so that those layers' values carry the token's identity at little compute.
         self.value_embed = nn.Embedding(args.vocab_size, args.value_embed_dim)
         nn.init.normal_(self.value_embed.weight, std=0.02)
-        self.value_proj = CastedLinear(args.value_embed_dim, args.num_kv_heads * args.model_dim // args.num_heads, zero_init=True)
+        self.value_proj = CastedLinear(args.value_embed_dim, self.blocks[0].mixer.splits[1], zero_init=True)  # to V's width
         if args.value_embed_layers < 1:
             raise ValueError(f"VALUE_EMBED_LAYERS={args.value_embed_layers} must be at least 1")
         self.value_gains = nn.Parameter(torch.ones(min(args.value_embed_layers, args.num_layers)))
@@ -1288,8 +1288,8 @@ def main():
     label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or e.g. int6/int5
     log0(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
     log0(f"Total submission size {label}: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")
-    over_cap = total > SIZE_CAP_BYTES
-    if over_cap:
+    exit_code = 3 if total > SIZE_CAP_BYTES else 0
+    if exit_code:
         log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
     model.load_state_dict(deserialize(blob))
     for mode in dict.fromkeys(("flat", args.eval_mode)):
@@ -1307,9 +1307,9 @@ def main():
             # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
             # active exception"; 3 of 16 two-rank runs, PyTorch 2.13) once all is written, so end the process here.
             sys.stdout.flush(), sys.stderr.flush()
-            os._exit(3 if over_cap else 0)
-    if over_cap:
-        sys.exit(3)
+            os._exit(exit_code)
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":
