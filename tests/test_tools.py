@@ -103,9 +103,12 @@ def test_export_sweep_repeats_the_scripts_own_export_and_scores_each_variant(dat
 
 def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     """bench/p1_pair.sh with stand-in scripts that print the lines the table reads: one GPU and one folder per run,
-    the pair's own settings on top of the P1 command's (which they cannot override), both rows in the table."""
-    stub = ("import os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
-            "'MAX_WALLCLOCK_SECONDS', 'TRAIN_BATCH_TOKENS')), os.getcwd())\n"
+    the pair's own settings applied over the P1 command's (SEED and TRAIN_BATCH_TOKENS included), both rows in the
+    table with the seed and step size each run logged."""
+    stub = ("import json, os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
+            "'MAX_WALLCLOCK_SECONDS')), os.getcwd())\n"
+            "print('hyperparameters: ' + json.dumps(dict(seed=int(os.environ['SEED']), "
+            "train_batch_tokens=int(os.environ['TRAIN_BATCH_TOKENS'])), sort_keys=True))\n"
             "print('training: {s} steps in 239000ms, step_avg:{ms}ms peak_memory:13GiB')\n"
             "print('pre_export val_loss:2.27 val_bpb:{pre} (EMA weights)')\n"
             "print('Total submission size int6: {size} bytes (code 1 + model 2; cap 16000000)')\n"
@@ -115,16 +118,27 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
                        ("b.py", dict(s=4309, ms="55.52", pre=1.3584, size=15900670, bpb=1.36058))):
         (tmp_path / name).write_text(stub.format(**vals))
     out = tmp_path / "out"
-    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out)}
-    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"), f"first {tmp_path}/a.py EXTRA=x MAX_WALLCLOCK_SECONDS=9",
-                        f"second {tmp_path}/b.py"], env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5"}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"),
+                        f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=98304", f"second {tmp_path}/b.py"],
+                       env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     first, second = ((out / f"{t}.out").read_text().split("\n")[0].split() for t in ("first", "second"))
-    assert first[1:6] == ["0", "p1_first", "x", "240", "65536"] and second[1:6] == ["1", "p1_second", "None", "240", "65536"]
-    assert first[6] != second[6] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
+    assert first[1:5] == ["0", "p1_first", "x", "240"] and second[1:5] == ["1", "p1_second", "None", "240"]
+    assert first[5] != second[5] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
-    assert rows == [["first", "54.40", "4398", "1.3649", "1.36736", "15694627"],
-                    ["second", "55.52", "4309", "1.3584", "1.36058", "15900670"]]
+    assert rows == [["first", "42", "98304", "54.40", "4398", "1.3649", "1.36736", "15694627"],
+                    ["second", "1337", "65536", "55.52", "4309", "1.3584", "1.36058", "15900670"]]
+
+
+@pytest.mark.parametrize("setting", ["MAX_WALLCLOCK_SECONDS=9", "EVAL_MODE=sliding", "GRAD_ACCUM_STEPS=2"])
+def test_p1_pair_refuses_settings_that_p1_fixes(tmp_path, setting):
+    (tmp_path / "a.py").write_text("")
+    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"), f"a {tmp_path}/a.py SEED=42 {setting}"],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and setting.split("=")[0] in r.stderr and "P1 fixes" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_step_time_attention_only_variant_runs_in_the_model_with_value_embeddings(monkeypatch):
