@@ -89,16 +89,26 @@ def test_export_sweep_repeats_the_scripts_own_export_and_scores_each_variant(dat
     data, tokenizer = dataset
     env = {**os.environ, **TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": "sweep", "ITERATIONS": "3",
            "MODEL_DIM": "256", "GPTQ_CALIB_TOKENS": "4096"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "export_sweep.py"), "--variants", "gptq:6/6,round:6/6,gptq:5/4"],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "export_sweep.py"), "--variants", "gptq:6/6,round:6/6,gptq:5/4,gptq:6/6/16"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {m[0]: (int(m[1]), float(m[2])) for m in re.findall(r"^sweep (\S+) model_bytes:(\d+) total_bytes:\d+ val_bpb:(\S+)", out.stdout, re.M)}
     log = (tmp_path / "logs" / "sweep.txt").read_text()
-    assert list(rows) == ["gptq:6/6", "round:6/6", "gptq:5/4"]
+    assert list(rows) == ["gptq:6/6", "round:6/6", "gptq:5/4", "gptq:6/6/16"]
     # the script's own export is GPTQ at 6 bits: the same bytes and score
     assert rows["gptq:6/6"][0] == int(re.search(r"Serialized model int6\+\w+: (\d+) bytes", log).group(1))
     assert rows["gptq:6/6"][1] == pytest.approx(float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1)), abs=1e-6)
     assert rows["round:6/6"][0] != rows["gptq:6/6"][0] and rows["gptq:5/4"][0] < 0.9 * rows["gptq:6/6"][0]
+    assert rows["gptq:6/6/16"][0] > rows["gptq:6/6"][0]  # the embedding tables at fp16 instead of int8
+
+
+def test_export_sweep_variants():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from export_sweep import parse_variant
+    assert parse_variant("gptq:6/5") == ("gptq", 6, 5, 8) and parse_variant("round:5/4/16") == ("round", 5, 4, 16)
+    for bad in ("gptq:6", "gptq:6/6/9", "svd:6/6", "gptq:6/a", "gptq:6/6/16/2", "gptq:1/6"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
 
 
 def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
