@@ -1,4 +1,5 @@
 """tools/summarize.py, tools/plot.py and the bench/ scripts (export sweep, P1 pair, step time's attention-only mixer)."""
+import importlib.util
 import json
 import math
 import os
@@ -102,9 +103,16 @@ def test_export_sweep_repeats_the_scripts_own_export_and_scores_each_variant(dat
     assert rows["gptq:6/6/16"][0] > rows["gptq:6/6"][0]  # the embedding tables at fp16 instead of int8
 
 
+def bench_module(name):
+    """A bench/ script imported as a module (bench/ is not a package on the path)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_export_sweep_variants():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from export_sweep import parse_variant
+    parse_variant = bench_module("export_sweep").parse_variant
     assert parse_variant("gptq:6/5") == ("gptq", 6, 5, 8) and parse_variant("round:5/4/16") == ("round", 5, 4, 16)
     for bad in ("gptq:6", "gptq:6/6/9", "svd:6/6", "gptq:6/a", "gptq:6/6/16/2", "gptq:1/6"):
         with pytest.raises(ValueError):
@@ -153,17 +161,12 @@ def test_p1_pair_refuses_settings_that_p1_fixes(tmp_path, setting):
 
 def test_step_time_attention_only_variant_runs_in_the_model_with_value_embeddings(monkeypatch):
     """bench/step_time.py's attention-only mixer takes the mixer's arguments, and the value embeddings reach it."""
-    import importlib.util
-
     import torch
 
     import train_gpt as tg
     from helpers import small_args, unzero_output_projections
 
-    spec = importlib.util.spec_from_file_location("step_time", os.path.join(ROOT, "bench", "step_time.py"))
-    step_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_time)
-    monkeypatch.setattr(tg.HymbaMixer, "forward", step_time.attention_only)
+    monkeypatch.setattr(tg.HymbaMixer, "forward", bench_module("step_time").attention_only)
     torch.manual_seed(0)
     model = tg.GPT(small_args(value_embed_layers=1))
     unzero_output_projections(model, std=0.05)
