@@ -23,7 +23,8 @@ DEFAULT_VARIANTS = "gptq:6/6,round:6/6,round:6/5,gptq:6/5,gptq:5/5,gptq:6/4"
 
 def parse_variant(spec: str) -> tuple[str, int, int, int]:
     method, _, bits = spec.partition(":")
-    widths = [int(b) for b in bits.split("/")] if all(b.isdigit() for b in bits.split("/")) else []
+    parts = bits.split("/")
+    widths = [int(b) for b in parts] if all(b.isdigit() for b in parts) else []
     if len(widths) == 2:
         widths.append(8)
     if (method not in ("gptq", "round") or len(widths) != 3 or not all(2 <= b <= 8 for b in widths[:2])
