@@ -90,6 +90,9 @@ class Hyperparameters:
         self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
         self.eval_mode = get("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
         self.eval_stride = get("eval_stride", 64, int)  # sliding windows' stride
+        self.ttt_epochs = get("ttt_epochs", 0, int)  # score-first test-time training after the scoring above; 0: none
+        self.ttt_lr = get("ttt_lr", 0.002, float)
+        self.ttt_chunk_tokens = get("ttt_chunk_tokens", 32768, int)
         self.val_batch_tokens = get("val_batch_tokens", 524288, int)
         self.artifact_path = get("artifact_path", "final_model.int6.ptz")
         self.gptq_calib_tokens = get("gptq_calib_tokens", 524288, int)  # training tokens for GPTQ's Hessians; 0: rounding
@@ -206,12 +209,17 @@ def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     return windows
 
 
-@torch.no_grad()
 def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
     """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
+    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
+    return _reduce_scores(score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world), world)
+
+
+@torch.no_grad()
+def score_windows(model, val_tokens: Tensor, windows, luts, seq_len: int, batch_seqs: int, rank: int, world: int) -> Tensor:
+    """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
     device = luts[0].device
     n = val_tokens.numel() - 1
-    windows = eval_windows(n, seq_len, stride)
     per_rank = -(-len(windows) // world)
     mine = windows[rank * per_rank : (rank + 1) * per_rank]
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
@@ -228,6 +236,50 @@ def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_s
             scored[j, first - start : end - start] = True
         sums += _scored_sums(model, x, y, scored, luts)
     model.train()
+    return sums
+
+
+def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
+    """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
+    if chunk <= 0 or chunk % (seq_len * world):
+        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = {seq_len * world}")
+    chunks = [[] for _ in range(-(-n // chunk))]
+    for start, first in eval_windows(n, seq_len, stride):
+        chunks[first // chunk].append((start, first))
+    return chunks
+
+
+def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, args, rank: int, world: int):
+    """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
+    The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
+    with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
+    steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
+    Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
+    device, chunk = luts[0].device, args.ttt_chunk_tokens
+    chunks = ttt_chunks(val_tokens.numel() - 1, seq_len, stride, chunk, world)
+    batch_seqs = min(batch_seqs, -(-max(map(len, chunks)) // world))
+    seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    for c, windows in enumerate(chunks):
+        sums += score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world)
+        if c == len(chunks) - 1:
+            break
+        lo = c * chunk + rank * seqs * seq_len
+        tokens = val_tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
+        x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
+        opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+        for _ in range(args.ttt_epochs):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(x, y)
+            loss.backward()
+            if world > 1:
+                for p in params:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return _reduce_scores(sums, world)
 
 
@@ -1114,6 +1166,8 @@ def main():
         raise ValueError(f"EVAL_MODE={args.eval_mode}: expected flat, sliding or stateful")
     if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
         raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
+    if args.ttt_epochs > 0 and args.eval_mode == "stateful":
+        raise ValueError("TTT_EPOCHS > 0 scores flat or sliding windows: set EVAL_MODE=flat or sliding")
     if not 2 <= args.mixer_bits <= 8 or not 2 <= args.mlp_bits <= 8:
         raise ValueError(f"MIXER_BITS={args.mixer_bits} and MLP_BITS={args.mlp_bits} must be between 2 and 8")
     bits = {"embed": 8, "mixer": args.mixer_bits, "mlp": args.mlp_bits}
@@ -1139,6 +1193,8 @@ def main():
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = byte_luts(sp, device)
     val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
+    if args.ttt_epochs > 0:  # refuse a bad chunk size now rather than after training
+        ttt_chunks(val_tokens.numel() - 1, args.eval_seq_len, 0, args.ttt_chunk_tokens, world)
     log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
          f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
 
@@ -1300,6 +1356,11 @@ def main():
             stride = args.eval_stride if mode == "sliding" else 0
             vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, stride, val_batch_seqs, rank, world)
         log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
+    if args.ttt_epochs > 0:
+        t = time.perf_counter()
+        stride = args.eval_stride if args.eval_mode == "sliding" else 0
+        vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, stride, val_batch_seqs, args, rank, world)
+        log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if distributed:
         dist.destroy_process_group()

@@ -95,3 +95,71 @@ def test_stateful_scorer_equals_sliding_and_flat_when_one_window_covers_the_spli
     assert abs(flat[0] - math.log(1024)) > 0.1
     for other in (sliding, stateful):
         assert other == pytest.approx(flat, rel=1e-6)
+
+
+class Recorder(torch.nn.Module):
+    """A model that logs each call: ("score" | "train", the window starts of its rows, read off unique tokens)."""
+
+    def __init__(self, model, position):
+        super().__init__()
+        self.model, self.position, self.calls = model, position, []
+
+    def forward(self, x, targets=None):
+        starts = [self.position[t] for t in x[:, 0].tolist() if t in self.position]
+        self.calls.append(("score" if targets is None else "train", starts))
+        return self.model(x, targets)
+
+
+def ttt_args(**kw):
+    args = small_args(mlp_mult=3, ttt_epochs=2, ttt_lr=0.05, ttt_chunk_tokens=128)
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_ttt_trains_on_each_chunk_only_after_scoring_it(dataset):
+    """Unique tokens tell where each row starts: every position trained on was scored before, each position is
+    scored once, the last chunk is never trained on, and the training changes the score."""
+    _, tokenizer = dataset
+    luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
+    torch.manual_seed(0)
+    val = torch.randperm(1023) + 1  # 1,022 positions: 8 chunks of 128, the last one 126 long
+    model = tg.GPT(small_args(mlp_mult=3))
+    unzero_output_projections(model, std=0.05)
+    flat = tg.evaluate(model, val, luts, seq_len=64, stride=0, batch_seqs=4, rank=0, world=1)
+    spy = Recorder(model, {t: i for i, t in enumerate(val.tolist())})
+    args = ttt_args()
+    loss, bpb = tg.evaluate_ttt(spy, val, luts, 64, 0, 8, args, rank=0, world=1)
+    scored, trained = set(), []
+    for kind, starts in spy.calls:
+        positions = {p for s in starts for p in range(s, min(s + 64, 1022))}
+        if kind == "score":
+            assert not positions & scored
+            scored |= positions
+        else:
+            assert positions <= scored and len(starts) == 2  # one chunk: 2 rows of 64
+            trained.append(min(starts))
+    assert scored == set(range(1022))
+    assert trained == [c * 128 for c in range(7) for _ in range(args.ttt_epochs)]
+    assert loss != pytest.approx(flat[0], abs=1e-4) and bpb / loss == pytest.approx(flat[1] / flat[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("stride", [0, 16])
+def test_ttt_without_learning_scores_like_the_plain_evaluation(dataset, stride):
+    data, tokenizer = dataset
+    luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)[:1001]
+    torch.manual_seed(0)
+    model = tg.GPT(small_args(mlp_mult=3))
+    unzero_output_projections(model, std=0.05)
+    before = [p.detach().clone() for p in model.parameters()]
+    plain = tg.evaluate(model, val, luts, seq_len=64, stride=stride, batch_seqs=5, rank=0, world=1)
+    ttt = tg.evaluate_ttt(model, val, luts, 64, stride, 5, ttt_args(ttt_lr=0.0), rank=0, world=1)
+    assert ttt == pytest.approx(plain, rel=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("chunk,world", [(100, 1), (0, 1), (192, 2)])
+def test_ttt_chunks_must_hold_whole_sequences_for_every_rank(chunk, world):
+    with pytest.raises(ValueError, match=f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple"):
+        tg.ttt_chunks(1000, 64, 0, chunk, world)

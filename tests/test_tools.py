@@ -175,3 +175,20 @@ def test_step_time_attention_only_variant_runs_in_the_model_with_value_embedding
         before = model(x)
         model.value_gains.fill_(3.0)
         assert before.shape == (2, 16, 1024) and not torch.allclose(model(x), before)
+
+
+def test_eval_modes_scores_an_artifact_as_the_script_did_and_with_test_time_training(dataset, tmp_path):
+    data, tokenizer = dataset
+    env = {**TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": "modes", "ITERATIONS": "5"}
+    run_script(str(tmp_path), env)
+    log = (tmp_path / "logs" / "modes.txt").read_text()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "eval_modes.py"), "final_model.int6.ptz", "--lanes", "",
+                          "--ttt", "0:1:256,0.05:2:256"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [(line[:34].strip(), line[34:].split()) for line in out.stdout.splitlines() if line.startswith(("flat", "sliding", "ttt"))]
+    bpb = {name: float(cells[2]) for name, cells in rows}
+    assert list(bpb) == ["flat", "sliding stride 64", "ttt lr 0 x1 chunk 256", "ttt lr 0.05 x2 chunk 256"]
+    assert bpb["flat"] == pytest.approx(float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1)), abs=1e-6)
+    assert bpb["ttt lr 0 x1 chunk 256"] == pytest.approx(bpb["flat"], abs=1e-6)  # no learning: the flat score
+    assert abs(bpb["ttt lr 0.05 x2 chunk 256"] - bpb["flat"]) > 1e-4  # each setting starts from the artifact again

@@ -38,20 +38,23 @@ def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
 def log_values(path):
     text = open(path).read()
     return [float(v) for v in re.findall(r"train_loss:(\S+)", text)], \
-        [float(v) for v in re.findall(r"(?:pre_export|final_roundtrip_flat) val_loss:(\S+)", text)]
+        [float(v) for v in re.findall(r"(?:pre_export|final_roundtrip_flat|final_roundtrip_flat_ttt) val_loss:(\S+)", text)]
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(dataset, tmp_path):
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    # wide enough for quantized block matrices, so that the export's GPTQ sums Hessians over both ranks' batches
-    wide = dict(ITERATIONS=6, MODEL_DIM=256, GPTQ_CALIB_TOKENS=4096, MLP_BITS=5)
+    # wide enough for quantized block matrices, so that the export's GPTQ sums Hessians over both ranks' batches;
+    # test-time training averages both ranks' gradients
+    wide = dict(ITERATIONS=6, MODEL_DIM=256, GPTQ_CALIB_TOKENS=4096, MLP_BITS=5, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_LR=0.01)
     run_script(str(tmp_path / "one"), env_for(dataset, "one", GRAD_ACCUM_STEPS=2, **wide))
     run_script(str(tmp_path / "two"), env_for(dataset, "two", GRAD_ACCUM_STEPS=1, **wide), nproc=2)
     (loss1, val1), (loss2, val2) = log_values(tmp_path / "one/logs/one.txt"), log_values(tmp_path / "two/logs/two.txt")
-    assert len(loss1) == len(loss2) == 6 and len(val1) == len(val2) == 2
+    assert len(loss1) == len(loss2) == 6 and len(val1) == len(val2) == 3
     assert max(abs(a - b) for a, b in zip(loss1 + val1, loss2 + val2)) <= 2e-4
     log1, log2 = open(tmp_path / "one/logs/one.txt").read(), open(tmp_path / "two/logs/two.txt").read()
     assert "world_size:2 grad_accum_steps:1" in log2 and "(the same bytes on all 2 ranks)" in log2
+    assert abs(val1[2] - val1[1]) > 1e-3  # the test-time training moved the score, and it is the final one
+    assert float(re.search(r"final_int8_zlib_roundtrip_exact val_loss:(\S+)", log1).group(1)) == val1[2]
     for log in (log1, log2):
         assert "gptq: Hessians of 10 matrices from 4096 training tokens" in log and "Serialized model int6/int5+" in log
     # The same GPTQ result up to the rounding flips of slightly different weights (under 0.6 % of the entries
@@ -87,7 +90,9 @@ def test_stateful_scoring_end_to_end(dataset, tmp_path):
 
 def test_bad_eval_settings_are_refused(dataset, tmp_path):
     for env, message in (({"EVAL_MODE": "best"}, "EVAL_MODE=best: expected flat, sliding or stateful"),
-                         ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128")):
+                         ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128"),
+                         ({"EVAL_MODE": "stateful", "TTT_EPOCHS": "1"}, "TTT_EPOCHS > 0 scores flat or sliding windows"),
+                         ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a positive multiple")):
         result = run_script(str(tmp_path), env_for(dataset, "bad", ITERATIONS=1, **env), check=False)
         assert result.returncode != 0 and message in result.stderr
 
