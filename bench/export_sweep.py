@@ -1,11 +1,11 @@
 """Bytes against roundtrip val_bpb for export variants of one trained model.
 
-    python3 bench/export_sweep.py [--variants gptq:6/6,round:6/6,gptq:6/5,gptq:6/6/16,...]
+    python3 bench/export_sweep.py [--variants gptq:6/6,round:6/6,gptq:6/5,gptq:6/6/8,...]
 Runs train_gpt.py's main() with the settings in the environment (e.g. the P1 command's): it trains, exports and
 scores as usual. Then the same EMA weights are exported again under each variant,
 METHOD:MIXER_BITS/MLP_BITS[/EMBED_BITS] (METHOD: gptq, with that run's Hessians, or round; the MIXER_BITS and
-MLP_BITS of the script; EMBED_BITS for the token and value embedding tables, 8 as in the script or 16 for fp16;
-the other fp16 tensors as in the script), read back and scored with flat windows. One row per variant:
+MLP_BITS of the script; EMBED_BITS for the token and value embedding tables, 16 for fp16 as in the script or 2..8
+bits per row, rounded; the other fp16 tensors as in the script), read back and scored with flat windows. One row per variant:
 compressed model bytes, code + model bytes, flat val_bpb, export seconds. No size cap is applied.
 """
 import argparse
@@ -26,7 +26,7 @@ def parse_variant(spec: str) -> tuple[str, int, int, int]:
     parts = bits.split("/")
     widths = [int(b) for b in parts] if all(b.isdigit() for b in parts) else []
     if len(widths) == 2:
-        widths.append(8)
+        widths.append(16)
     if (method not in ("gptq", "round") or len(widths) != 3 or not all(2 <= b <= 8 for b in widths[:2])
             or widths[2] not in (*range(2, 9), 16)):
         raise ValueError(f"bad variant {spec!r}: expected gptq|round:BITS/BITS[/EMBED_BITS], 2..8 bits (embedding: or 16)")
@@ -34,8 +34,8 @@ def parse_variant(spec: str) -> tuple[str, int, int, int]:
 
 
 def embed_kind(export_kind):
-    """train_gpt's export_kind with the embedding tables kept at fp16."""
-    return lambda name, t: "fp16" if export_kind(name, t) == "embed" else export_kind(name, t)
+    """train_gpt's export_kind with the embedding tables quantized per row (kind "embed") instead of kept at fp16."""
+    return lambda name, t: "embed" if name in tg.EMBED_TABLES else export_kind(name, t)
 
 
 def main():
@@ -78,16 +78,16 @@ def main():
     export_kind = tg.export_kind
     for method, mixer_bits, mlp_bits, embed_bits in variants:
         t = time.perf_counter()
-        tg.export_kind = embed_kind(export_kind) if embed_bits == 16 else export_kind
+        tg.export_kind = export_kind if embed_bits == 16 else embed_kind(export_kind)
         try:
-            blob, _ = tg.serialize(state, {"embed": min(embed_bits, 8), "mixer": mixer_bits, "mlp": mlp_bits}, None,
+            blob, _ = tg.serialize(state, {"embed": embed_bits, "mixer": mixer_bits, "mlp": mlp_bits}, None,
                                    hessians if method == "gptq" else None)
         finally:
             tg.export_kind = export_kind
         seconds = time.perf_counter() - t
         model.load_state_dict(tg.deserialize(blob))
         _, bpb = tg.evaluate(scorer, val, luts, args.eval_seq_len, 0, batch, 0, 1)
-        name = f"{method}:{mixer_bits}/{mlp_bits}" + (f"/{embed_bits}" if embed_bits != 8 else "")
+        name = f"{method}:{mixer_bits}/{mlp_bits}" + (f"/{embed_bits}" if embed_bits != 16 else "")
         rows.append((name, len(blob), len(blob) + code_bytes, bpb, seconds))
         print(f"sweep {rows[-1][0]} model_bytes:{rows[-1][1]} total_bytes:{rows[-1][2]} val_bpb:{bpb:.6f} export_s:{seconds:.1f}", flush=True)
     print("\n| variant (method:mixer/MLP[/embedding] bits) | model bytes | code + model | flat val_bpb | export s |\n|---|---|---|---|---|")
