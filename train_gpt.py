@@ -90,8 +90,8 @@ class Hyperparameters:
         self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
         self.eval_mode = get("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
         self.eval_stride = get("eval_stride", 64, int)  # sliding windows' stride
-        self.ttt_epochs = get("ttt_epochs", 0, int)  # score-first test-time training after the scoring above; 0: none
-        self.ttt_lr = get("ttt_lr", 0.002, float)
+        self.ttt_epochs = get("ttt_epochs", 3, int)  # score-first test-time training after the scoring above; 0: none
+        self.ttt_lr = get("ttt_lr", 0.02, float)
         self.ttt_chunk_tokens = get("ttt_chunk_tokens", 32768, int)
         self.val_batch_tokens = get("val_batch_tokens", 524288, int)
         self.artifact_path = get("artifact_path", "final_model.int6.ptz")
@@ -1165,7 +1165,7 @@ def main():
     if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
         raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
     if args.ttt_epochs > 0 and args.eval_mode == "stateful":
-        raise ValueError("TTT_EPOCHS > 0 scores flat or sliding windows: set EVAL_MODE=flat or sliding")
+        raise ValueError("TTT_EPOCHS > 0 scores flat or sliding windows: set EVAL_MODE=flat or sliding, or TTT_EPOCHS=0")
     if not 2 <= args.mixer_bits <= 8 or not 2 <= args.mlp_bits <= 8:
         raise ValueError(f"MIXER_BITS={args.mixer_bits} and MLP_BITS={args.mlp_bits} must be between 2 and 8")
     bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}

@@ -25,10 +25,12 @@ gpu=0; tags=()
 for spec in "$@"; do read -r -a a <<< "$spec"; run $gpu "${a[@]}" & tags+=("${a[0]}"); gpu=$((gpu + 1)); sleep 2; done
 wait
 # seed and tokens per step are read back from the run's own hyperparameter line: the table shows what ran
-printf "%-22s %5s %7s %8s %6s %8s %11s %9s\n" tag seed tokens ms/step steps pre_bpb roundtrip bytes
-for t in "${tags[@]}"; do o=$OUT/$t.out; v() { grep -oP "$1" "$o" | head -1 || true; }
-  printf "%-22s %5s %7s %8s %6s %8s %11s %9s\n" "$t" "$(v '"seed": \K\d+')" "$(v '"train_batch_tokens": \K\d+')" \
+# roundtrip: the flat score P1 compares; ttt: the score after score-first test-time training ('-' when off)
+printf "%-22s %5s %7s %8s %6s %8s %11s %11s %9s\n" tag seed tokens ms/step steps pre_bpb roundtrip ttt bytes
+for t in "${tags[@]}"; do o=$OUT/$t.out; v() { local r; r=$(grep -oP "$1" "$o" | head -1); echo "${r:--}"; }
+  printf "%-22s %5s %7s %8s %6s %8s %11s %11s %9s\n" "$t" "$(v '"seed": \K\d+')" "$(v '"train_batch_tokens": \K\d+')" \
     "$(v '^training: \d+ steps.*step_avg:\K[\d.]+')" "$(v '^training: \K\d+')" "$(v '^pre_export.*val_bpb:\K[\d.]+')" \
-    "$(v '^final_roundtrip\S* .*val_bpb:\K[\d.]+')" "$(v '^Total submission size.*: \K\d+')"
+    "$(v '^final_roundtrip_flat .*val_bpb:\K[\d.]+')" "$(v '^final_roundtrip_flat_ttt .*val_bpb:\K[\d.]+')" \
+    "$(v '^Total submission size.*: \K\d+')"
   tail -1 "$o"; grep -E "WARNING|Traceback|^[A-Za-z]+Error" "$o" | head -3
 done

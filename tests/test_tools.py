@@ -122,7 +122,7 @@ def test_export_sweep_variants():
 def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     """bench/p1_pair.sh with stand-in scripts that print the lines the table reads: one GPU and one folder per run,
     the pair's own settings applied over the P1 command's (SEED and TRAIN_BATCH_TOKENS included), both rows in the
-    table with the seed and step size each run logged."""
+    table with the seed and step size each run logged, and the TTT score where a run has one."""
     stub = ("import json, os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
             "'MAX_WALLCLOCK_SECONDS')), os.getcwd())\n"
             "print('hyperparameters: ' + json.dumps(dict(seed=int(os.environ['SEED']), "
@@ -130,10 +130,11 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
             "print('training: {s} steps in 239000ms, step_avg:{ms}ms peak_memory:13GiB')\n"
             "print('pre_export val_loss:2.27 val_bpb:{pre} (EMA weights)')\n"
             "print('Total submission size int6: {size} bytes (code 1 + model 2; cap 16000000)')\n"
-            "print('final_roundtrip_flat val_loss:2.27 val_bpb:{bpb} eval_time:1.0s')\n"
+            "print('final_roundtrip_flat val_loss:2.27 val_bpb:{bpb} eval_time:1.0s')\n{ttt}"
             "open('logs/' + os.environ['RUN_ID'] + '.txt', 'w').write('log\\n')\n")
-    for name, vals in (("a.py", dict(s=4398, ms="54.40", pre=1.3649, size=15694627, bpb=1.36736)),
-                       ("b.py", dict(s=4309, ms="55.52", pre=1.3584, size=15900670, bpb=1.36058))):
+    for name, vals in (("a.py", dict(s=4398, ms="54.40", pre=1.3649, size=15694627, bpb=1.36736,
+                                   ttt="print('final_roundtrip_flat_ttt val_loss:2.26 val_bpb:1.36470 eval_time:9.0s')\n")),
+                       ("b.py", dict(s=4309, ms="55.52", pre=1.3584, size=15900670, bpb=1.36058, ttt=""))):
         (tmp_path / name).write_text(stub.format(**vals))
     out = tmp_path / "out"
     env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5"}
@@ -145,8 +146,8 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     assert first[1:5] == ["0", "p1_first", "x", "240"] and second[1:5] == ["1", "p1_second", "None", "240"]
     assert first[5] != second[5] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
-    assert rows == [["first", "42", "98304", "54.40", "4398", "1.3649", "1.36736", "15694627"],
-                    ["second", "1337", "65536", "55.52", "4309", "1.3584", "1.36058", "15900670"]]
+    assert rows == [["first", "42", "98304", "54.40", "4398", "1.3649", "1.36736", "1.36470", "15694627"],
+                    ["second", "1337", "65536", "55.52", "4309", "1.3584", "1.36058", "-", "15900670"]]
 
 
 @pytest.mark.parametrize("setting", ["MAX_WALLCLOCK_SECONDS=9", "EVAL_MODE=sliding", "GRAD_ACCUM_STEPS=2"])

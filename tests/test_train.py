@@ -80,7 +80,7 @@ def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
 
 
 def test_stateful_scoring_end_to_end(dataset, tmp_path):
-    run_script(str(tmp_path), env_for(dataset, "stateful", ITERATIONS=30, EVAL_MODE="stateful", MATRIX_LR=0.02))
+    run_script(str(tmp_path), env_for(dataset, "stateful", ITERATIONS=30, EVAL_MODE="stateful", TTT_EPOCHS=0, MATRIX_LR=0.02))
     log = (tmp_path / "logs" / "stateful.txt").read_text()
     flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1))
     stateful = float(re.search(r"final_roundtrip_stateful val_loss:\S+ val_bpb:(\S+)", log).group(1))
