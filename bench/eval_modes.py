@@ -5,7 +5,9 @@ Model, data and tokenizer settings come from train_gpt.py's environment variable
 Flat and sliding scoring run compiled, as in the script; stateful scoring runs eagerly with `lanes` streams (none:
 --lanes ''); each --ttt setting is score-first test-time training over flat windows, compiled, from the artifact's
 weights (TTT_LR, TTT_EPOCHS, TTT_CHUNK_TOKENS; its time includes compiling the training step once).
-The last column projects the time for FineWeb's 62.0M val tokens on 8 GPUs at the measured rate.
+The last column projects the time for FineWeb's 62.0M val tokens on 8 GPUs at the measured rate; for TTT it does
+not divide by 8, as the chunks run one after another (each rank gets an eighth of a chunk): an upper bound if a
+chunk takes no longer on 8 GPUs than on one.
 """
 import argparse
 import os
@@ -62,7 +64,8 @@ def main():
     print(f"{'evaluator':<34} {'batch/lanes':>11} {'val_loss':>10} {'val_bpb':>10} {'seconds':>8} {'tokens/s':>10} {'62M on 8 GPUs':>14}")
     for name, width, loss, bpb, sec in rows:
         rate = (val.numel() - 1) / sec
-        print(f"{name:<34} {width:>11} {loss:10.6f} {bpb:10.6f} {sec:8.2f} {rate:10.3g} {62.0e6 / (8 * rate):13.1f}s")
+        gpus = 1 if name.startswith("ttt") else 8  # TTT's chunks are sequential
+        print(f"{name:<34} {width:>11} {loss:10.6f} {bpb:10.6f} {sec:8.2f} {rate:10.3g} {62.0e6 / (gpus * rate):13.1f}s")
 
 
 if __name__ == "__main__":
