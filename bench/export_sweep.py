@@ -5,8 +5,8 @@ Runs train_gpt.py's main() with the settings in the environment (e.g. the P1 com
 scores as usual. Then the same EMA weights are exported again under each variant,
 METHOD:MIXER_BITS/MLP_BITS[/EMBED_BITS] (METHOD: gptq, with that run's Hessians, or round; the MIXER_BITS and
 MLP_BITS of the script; EMBED_BITS for the token and value embedding tables, 16 for fp16 as in the script or 2..8
-bits per row, rounded; the other fp16 tensors as in the script), read back and scored with flat windows. One row per variant:
-compressed model bytes, code + model bytes, flat val_bpb, export seconds. No size cap is applied.
+bits per row, rounded; the other fp16 tensors as in the script), read back and scored with flat windows. One row
+per variant: compressed model bytes, code + model bytes, flat val_bpb, export seconds. No size cap is applied.
 """
 import argparse
 import os
