@@ -209,6 +209,11 @@ def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     return windows
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (training, calibration, scoring); full precision elsewhere."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
 def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
     """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
     windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
@@ -271,7 +276,7 @@ def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, bat
         x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
         opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
         for _ in range(args.ttt_epochs):
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 loss = model(x, y)
             loss.backward()
             if world > 1:
@@ -287,7 +292,7 @@ def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) ->
     """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
     device = luts[0].device
     x, y, scored = x.to(device), y.to(device), scored.to(device)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits = model(x, **kwargs)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
@@ -1207,7 +1212,6 @@ def main():
     if distributed:
         train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers = build_optimizers(args, model, fused=device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     val_batch_seqs = max(1, args.val_batch_tokens // (world * args.eval_seq_len))
 
     def train_step(loader: TokenLoader, step: int, scale: float) -> Tensor:
@@ -1216,7 +1220,7 @@ def main():
             x, y = loader.next_batch(local_tokens, args.train_seq_len, device)
             if distributed:
                 train_model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
-            with autocast():
+            with autocast(device):
                 loss = train_model(x, y)
             (loss / args.grad_accum_steps).backward()
             total += loss.detach() / args.grad_accum_steps
@@ -1247,7 +1251,7 @@ def main():
     sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
 
     def calibrate(batches) -> dict[str, Tensor]:
-        with autocast():
+        with autocast(device):
             hessians = collect_hessians(model, batches)
         if distributed:
             for H in hessians.values():
