@@ -279,9 +279,11 @@ def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, bat
             with autocast(device):
                 loss = model(x, y)
             loss.backward()
-            if world > 1:
-                for p in params:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            if world > 1:  # the ranks' gradients averaged in one all-reduce, not one per tensor
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
