@@ -111,10 +111,7 @@ class Recorder(torch.nn.Module):
 
 
 def ttt_args(**kw):
-    args = small_args(mlp_mult=3, ttt_epochs=2, ttt_lr=0.05, ttt_chunk_tokens=128)
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    return small_args(**{"mlp_mult": 3, "ttt_epochs": 2, "ttt_lr": 0.05, "ttt_chunk_tokens": 128, **kw})
 
 
 def test_ttt_trains_on_each_chunk_only_after_scoring_it(dataset):
