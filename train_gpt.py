@@ -210,7 +210,7 @@ def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (training, calibration, scoring); full precision elsewhere."""
+    """bf16 on CUDA, full precision elsewhere."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -279,7 +279,7 @@ def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, bat
             with autocast(device):
                 loss = model(x, y)
             loss.backward()
-            if world > 1:  # the ranks' gradients averaged in one all-reduce, not one per tensor
+            if world > 1:  # one all-reduce for all gradients
                 flat = torch.cat([p.grad.flatten() for p in params])
                 dist.all_reduce(flat, op=dist.ReduceOp.AVG)
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
