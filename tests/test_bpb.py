@@ -111,6 +111,7 @@ class Recorder(torch.nn.Module):
 
 
 def ttt_args(**kw):
+    """The small model's settings with test-time training on, in chunks of two 64-token sequences."""
     return small_args(**{"mlp_mult": 3, "ttt_epochs": 2, "ttt_lr": 0.05, "ttt_chunk_tokens": 128, **kw})
 
 
@@ -121,11 +122,11 @@ def test_ttt_trains_on_each_chunk_only_after_scoring_it(dataset):
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
     torch.manual_seed(0)
     val = torch.randperm(1023) + 1  # 1,022 positions: 8 chunks of 128, the last one 126 long
-    model = tg.GPT(small_args(mlp_mult=3))
+    args = ttt_args()
+    model = tg.GPT(args)
     unzero_output_projections(model, std=0.05)
     flat = tg.evaluate(model, val, luts, seq_len=64, stride=0, batch_seqs=4, rank=0, world=1)
     spy = Recorder(model, {t: i for i, t in enumerate(val.tolist())})
-    args = ttt_args()
     loss, bpb = tg.evaluate_ttt(spy, val, luts, 64, 0, 8, args, rank=0, world=1)
     scored, trained = set(), []
     for kind, starts in spy.calls:
@@ -146,12 +147,13 @@ def test_ttt_without_learning_scores_like_the_plain_evaluation(dataset, stride):
     data, tokenizer = dataset
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
     val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)[:1001]
+    args = ttt_args(ttt_lr=0.0)
     torch.manual_seed(0)
-    model = tg.GPT(small_args(mlp_mult=3))
+    model = tg.GPT(args)
     unzero_output_projections(model, std=0.05)
     before = [p.detach().clone() for p in model.parameters()]
     plain = tg.evaluate(model, val, luts, seq_len=64, stride=stride, batch_seqs=5, rank=0, world=1)
-    ttt = tg.evaluate_ttt(model, val, luts, 64, stride, 5, ttt_args(ttt_lr=0.0), rank=0, world=1)
+    ttt = tg.evaluate_ttt(model, val, luts, 64, stride, 5, args, rank=0, world=1)
     assert ttt == pytest.approx(plain, rel=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
