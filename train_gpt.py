@@ -54,6 +54,8 @@ class Hyperparameters:
         self.value_embed_dim = get("value_embed_dim", 128, int)  # a token embedding added to attention's values
         self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
         self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
+        # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
+        self.ssm_layers = get("ssm_layers", ",".join(map(str, range(self.num_layers))), lambda s: [int(i) for i in s.split(",") if i])
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -810,34 +812,35 @@ def rotary(x: Tensor, inv_freq: Tensor, offset: int = 0) -> Tensor:
 
 class HymbaMixer(nn.Module):
     """Attention and a Mamba branch on the same normalised input, merged as w*attn + (1-w)*mamba with
-    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection."""
+    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection; ssm=False: attention alone."""
 
-    def __init__(self, args: Hyperparameters, scan_fn, conv_fn):
+    def __init__(self, args: Hyperparameters, scan_fn, conv_fn, ssm: bool):
         super().__init__()
         dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
         if dim % self.heads or self.heads % self.kv_heads:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS and NUM_HEADS by NUM_KV_HEADS")
         self.head_dim = dim // self.heads
-        self.d_inner, self.d_state, self.dt_rank = args.ssm_inner, args.ssm_state, args.ssm_dt_rank
+        self.d_inner, self.d_state, self.dt_rank = args.ssm_inner if ssm else 0, args.ssm_state, args.ssm_dt_rank
         self.scan_fn, self.conv_fn = scan_fn, conv_fn
         kv_dim = self.kv_heads * self.head_dim
-        self.splits = (kv_dim, kv_dim, self.d_inner, self.d_inner)
+        self.splits = (kv_dim, kv_dim) + ((self.d_inner, self.d_inner) if self.d_inner else ())
         self.q_proj = CastedLinear(dim, dim)
         self.in_proj = CastedLinear(dim, sum(self.splits))  # [K | V | x_ssm | z]
         self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
         self.register_buffer("inv_freq", args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim), persistent=False)
-        self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-args.ssm_conv**-0.5, args.ssm_conv**-0.5))
-        self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
-        self.x_proj = CastedLinear(self.d_inner, self.dt_rank + 2 * self.d_state)
-        self.dt_proj = CastedLinear(self.dt_rank, self.d_inner)
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
-        # Mamba's dt init: dt log-uniform in [dt_min, dt_max], bias = softplus^-1(dt)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(args.dt_max) - math.log(args.dt_min)) + math.log(args.dt_min))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
-        self.D_skip = nn.Parameter(torch.ones(self.d_inner))
-        self.ssm_out = CastedLinear(self.d_inner, dim)
-        self.merge_alpha = nn.Parameter(torch.zeros(()))
+        if self.d_inner:
+            self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-args.ssm_conv**-0.5, args.ssm_conv**-0.5))
+            self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
+            self.x_proj = CastedLinear(self.d_inner, self.dt_rank + 2 * self.d_state)
+            self.dt_proj = CastedLinear(self.dt_rank, self.d_inner)
+            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+            # Mamba's dt init: dt log-uniform in [dt_min, dt_max], bias = softplus^-1(dt)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(args.dt_max) - math.log(args.dt_min)) + math.log(args.dt_min))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+            self.D_skip = nn.Parameter(torch.ones(self.d_inner))
+            self.ssm_out = CastedLinear(self.d_inner, dim)
+            self.merge_alpha = nn.Parameter(torch.zeros(()))
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
@@ -846,7 +849,7 @@ class HymbaMixer(nn.Module):
         this one. Queries then also attend to the previous window's keys, up to that window's length back; the
         conv and the scan continue where it ended."""
         B, T, _ = x.shape
-        k, v, xs, z = self.in_proj(x).split(self.splits, dim=-1)
+        k, v, *ssm_in = self.in_proj(x).split(self.splits, dim=-1)
         if value_embed is not None:
             v = v + value_embed
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -866,6 +869,11 @@ class HymbaMixer(nn.Module):
         v_self = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
         attn = attn - (attn * v_self).sum(-1, keepdim=True) * v_self
         attn = attn.transpose(1, 2).reshape(B, T, -1)
+        if not self.d_inner:
+            if carry is not None:
+                carry["kv"] = (k, v)
+            return self.out_proj(attn)
+        xs, z = ssm_in
         if carry is None:
             u = self.conv_fn(xs, self.conv_weight, self.conv_bias)
         else:
@@ -899,7 +907,7 @@ class Block(nn.Module):
 
     def __init__(self, args: Hyperparameters, scan_fn, conv_fn, layer: int):
         super().__init__()
-        self.mixer = HymbaMixer(args, scan_fn, conv_fn)
+        self.mixer = HymbaMixer(args, scan_fn, conv_fn, ssm=layer in args.ssm_layers)
         self.mlp = MLP(args.model_dim, args.mlp_mult)
         self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
@@ -914,6 +922,9 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters, scan_fn=torch_scan_fwd, conv_fn=causal_conv_torch):
         super().__init__()
         self.softcap = args.logit_softcap
+        if args.ssm_inner < 1 or not all(0 <= i < args.num_layers for i in args.ssm_layers):
+            raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of 0..{args.num_layers - 1} "
+                             f"and SSM_INNER={args.ssm_inner} be positive (attention only: SSM_LAYERS empty)")
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn, i) for i in range(args.num_layers))

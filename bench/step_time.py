@@ -1,5 +1,5 @@
-"""Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for an attention-only
-model of the same width and depth built from the same script; with --profile, where the GPU time goes.
+"""Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for the attention-only
+control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes.
 
     python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton]
 Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
@@ -14,36 +14,18 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
 
-def attention_only(self, x, value_embed=None, carry=None):
-    """HymbaMixer.forward without the SSM branch: q and the K/V rows of in_proj (value embeddings added to V),
-    attention, out_proj."""
-    B, T, _ = x.shape
-    k, v = F.linear(x, self.in_proj.weight[: 2 * self.splits[0]].to(x.dtype)).chunk(2, dim=-1)
-    if value_embed is not None:
-        v = v + value_embed
-    k, v = (t.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
-    q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-    q = tg.norm(q) * self.q_gain.to(q.dtype)[:, None, None]
-    y = F.scaled_dot_product_attention(tg.rotary(q, self.inv_freq), tg.rotary(tg.norm(k), self.inv_freq), v, is_causal=True,
-                                       enable_gqa=self.kv_heads != self.heads)
-    return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def flops_per_token(args, attention: bool) -> float:
+def flops_per_token(args) -> float:
     """Matmul FLOPs of one training token (forward + backward = 3x forward), causal attention included."""
     dim, di, kv = args.model_dim, args.ssm_inner, args.num_kv_heads * args.model_dim // args.num_heads
-    if attention:
-        per_layer = dim * dim + dim * 2 * kv + dim * dim
-    else:
-        per_layer = dim * dim + dim * (2 * kv + 2 * di) + di * (args.ssm_dt_rank + 2 * args.ssm_state) + args.ssm_dt_rank * di + di * dim + dim * dim
-    per_layer += 2 * args.mlp_mult * dim * dim
-    fwd = 2 * (args.num_layers * per_layer + args.vocab_size * dim + args.value_embed_dim * kv) + args.num_layers * 2 * args.train_seq_len * dim
+    attention = dim * dim + dim * 2 * kv + dim * dim + 2 * args.train_seq_len * dim
+    ssm = dim * 2 * di + di * (args.ssm_dt_rank + 2 * args.ssm_state) + args.ssm_dt_rank * di + di * dim
+    mlp = 2 * args.mlp_mult * dim * dim
+    fwd = 2 * (args.num_layers * (attention + mlp) + len(args.ssm_layers) * ssm + args.vocab_size * dim + args.value_embed_dim * kv)
     return 3 * fwd
 
 
@@ -82,10 +64,11 @@ def main():
     peak = matmul_tflops()
     rows = []
     for impl in a.impls.split(","):
+        args.ssm_layers = [] if impl == "attention" else tg.Hyperparameters().ssm_layers
         torch.manual_seed(0)
         torch.cuda.reset_peak_memory_stats()
         scan, conv, desc = tg.resolve_backends("torch" if impl == "attention" else impl, args.conv_impl, torch.device("cuda"))
-        tg.HymbaMixer.forward, original = (attention_only if impl == "attention" else tg.HymbaMixer.forward), tg.HymbaMixer.forward
+        desc = "no Mamba branch (SSM_LAYERS empty)" if impl == "attention" else desc
         model = tg.GPT(args, scan, conv).cuda()
         opts = tg.build_optimizers(args, model, fused=True)
         run = torch.compile(model, fullgraph=True, dynamic=False)
@@ -108,7 +91,7 @@ def main():
             if i >= a.warmup:
                 times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times)
-        mfu = flops_per_token(args, impl == "attention") * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
+        mfu = flops_per_token(args) * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
         rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
         if impl == a.profile:
             n = 5
@@ -127,7 +110,6 @@ def main():
             print("top kernels:")
             for name, t in kernels.most_common(25):
                 print(f"  {t:7.2f} ms  {name[:110]}")
-        tg.HymbaMixer.forward = original
         torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
     print(f"{'variant':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")

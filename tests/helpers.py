@@ -25,6 +25,7 @@ def small_args(**kw):
     for k, v in kw.items():
         setattr(args, k, v)
     args.ssm_inner = kw.get("ssm_inner", args.model_dim // 2)
+    args.ssm_layers = kw.get("ssm_layers", list(range(args.num_layers)))
     return args
 
 

@@ -9,9 +9,10 @@ from helpers import small_args, unzero_output_projections
 BITS = {"mixer": 6, "mlp": 6}  # the script's defaults
 
 
-def test_model_is_causal():
+@pytest.mark.parametrize("ssm_layers", [[0, 1], [1], []])  # every layer hybrid, one of two, attention only
+def test_model_is_causal(ssm_layers):
     torch.manual_seed(0)
-    model = tg.GPT(small_args())
+    model = tg.GPT(small_args(ssm_layers=ssm_layers))
     unzero_output_projections(model, std=0.05)  # zero-initialised projections would hide the mixer
     x = torch.randint(0, 1024, (2, 40))
     base = model(x)
@@ -35,6 +36,36 @@ def test_optimizer_assignment():
     assert ssm_group["lr"] == small_args().ssm_lr and {names[id(p)].split(".")[-1] for p in ssm_group["params"]} == \
         {"A_log", "weight", "dt_bias", "conv_weight", "conv_bias", "D_skip"}
     assert sum(len(g["params"]) for o in (adam, muon) for g in o.param_groups) == len(names)
+
+
+@pytest.mark.parametrize("ssm_layers", [[1], []])
+def test_layers_outside_ssm_layers_have_no_mamba_branch(ssm_layers):
+    """A layer not in SSM_LAYERS mixes with attention alone (no SSM tensors, no merge gate, K|V in the fused
+    projection); the others keep the branch; every parameter still has an optimizer."""
+    args = small_args(ssm_layers=ssm_layers)
+    model = tg.GPT(args)
+    ssm_names = tg.SSM_SENSITIVE + ("ssm_out", "x_proj", "merge_alpha")
+    for i, block in enumerate(model.blocks):
+        names = [n for n, _ in block.named_parameters()]
+        assert any(s in n for n in names for s in ssm_names) == (i in ssm_layers)
+        kv = 2 * args.num_kv_heads * block.mixer.head_dim
+        assert block.mixer.in_proj.weight.shape == (kv + (2 * args.ssm_inner if i in ssm_layers else 0), args.model_dim)
+    adam, muon = tg.build_optimizers(args, model, fused=False)
+    assert (adam.param_groups[1]["params"] == []) == (not ssm_layers)
+    assert sum(len(g["params"]) for o in (adam, muon) for g in o.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("env", [dict(SSM_LAYERS="2"), dict(SSM_LAYERS="-1"), dict(SSM_INNER="0")])
+def test_bad_ssm_layers_or_width_are_refused(env):
+    args = tg.Hyperparameters({"NUM_LAYERS": "2", **env})
+    with pytest.raises(ValueError, match="SSM_LAYERS="):
+        tg.GPT(args)
+
+
+def test_ssm_layers_setting():
+    assert tg.Hyperparameters({"NUM_LAYERS": "3"}).ssm_layers == [0, 1, 2]
+    assert tg.Hyperparameters({"SSM_LAYERS": "0,4"}).ssm_layers == [0, 4]
+    assert tg.Hyperparameters({"SSM_LAYERS": ""}).ssm_layers == []
 
 
 def test_lr_schedule():
@@ -139,11 +170,12 @@ def test_fullgraph_compile_matches_eager():
 
 
 @torch.no_grad()  # the carried-state path is forward-only
-def test_windows_with_carried_state_equal_one_long_forward(monkeypatch):
+@pytest.mark.parametrize("ssm_layers", [[0, 1], [1], []])
+def test_windows_with_carried_state_equal_one_long_forward(monkeypatch, ssm_layers):
     """Reading a sequence window by window with the carried state (SSM state, conv tail, previous window's keys)
     gives the logits of one forward over the whole sequence whose attention sees the last W positions."""
     torch.manual_seed(0)
-    model = tg.GPT(small_args()).double()
+    model = tg.GPT(small_args(ssm_layers=ssm_layers)).double()
     unzero_output_projections(model, std=0.05)
     W, T = 16, 3 * 16 + 5  # a partial last window
     x = torch.randint(0, 1024, (2, T))

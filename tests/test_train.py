@@ -35,6 +35,18 @@ def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
     assert "backends: scan:torch" in log and "hyperparameters: {" in log
 
 
+def test_partial_hybrid_learns_and_scores(dataset, tmp_path):
+    """Layer 0 attention only, layer 1 hybrid: compiled training, export and TTT with both kinds of mixer."""
+    run_script(str(tmp_path), env_for(dataset, "part", ITERATIONS=40, SSM_LAYERS="1", MATRIX_LR=0.02, COMPILE=1,
+                                      TTT_EPOCHS=1, TTT_CHUNK_TOKENS=4096))
+    log = (tmp_path / "logs" / "part.txt").read_text()
+    losses = [float(v) for v in re.findall(r"train_loss:(\S+)", log)]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < losses[0] - 1.0
+    flat, ttt = (float(re.search(rf"^{k} val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
+                 for k in ("final_roundtrip_flat", "final_roundtrip_flat_ttt"))
+    assert math.isfinite(flat) and ttt != flat and '"ssm_layers": [1]' in log
+
+
 def log_values(path):
     text = open(path).read()
     return [float(v) for v in re.findall(r"train_loss:(\S+)", text)], \
