@@ -61,10 +61,11 @@ def main():
     p.add_argument("--profile", default="", help="variant to profile (top kernels and categories, ms per step)")
     a = p.parse_args()
     args = tg.Hyperparameters()
+    hybrid_layers = args.ssm_layers
     peak = matmul_tflops()
     rows = []
     for impl in a.impls.split(","):
-        args.ssm_layers = [] if impl == "attention" else tg.Hyperparameters().ssm_layers
+        args.ssm_layers = [] if impl == "attention" else hybrid_layers
         torch.manual_seed(0)
         torch.cuda.reset_peak_memory_stats()
         scan, conv, desc = tg.resolve_backends("torch" if impl == "attention" else impl, args.conv_impl, torch.device("cuda"))
