@@ -1,7 +1,7 @@
 """Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for the attention-only
 control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes.
 
-    python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton]
+    python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton,attention]
 Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
 model FLOPs utilisation against the bf16 matmul rate measured here. Model settings come from train_gpt.py's
 environment variables.
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--impls", default="triton,mamba_ssm,attention")
-    p.add_argument("--profile", default="", help="variant to profile (top kernels and categories, ms per step)")
+    p.add_argument("--profile", default="", help="variants to profile, comma-separated (top kernels and categories, ms per step)")
     a = p.parse_args()
     args = tg.Hyperparameters()
     hybrid_layers = args.ssm_layers
@@ -94,7 +94,7 @@ def main():
         ms = statistics.median(times)
         mfu = flops_per_token(args) * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
         rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
-        if impl == a.profile:
+        if impl in a.profile.split(","):
             n = 5
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(n):
@@ -109,7 +109,7 @@ def main():
             for cat, t in cats.most_common():
                 print(f"  {t:7.2f} ms  {cat}")
             print("top kernels:")
-            for name, t in kernels.most_common(25):
+            for name, t in kernels.most_common(40):
                 print(f"  {t:7.2f} ms  {name[:110]}")
         torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
