@@ -42,7 +42,7 @@ class Hyperparameters:
         self.seed = get("seed", 1337, int)
         # model
         self.vocab_size = get("vocab_size", 1024, int)
-        self.num_layers = get("num_layers", 8, int)
+        self.num_layers = get("num_layers", 9, int)
         self.model_dim = get("model_dim", 512, int)
         self.num_heads = get("num_heads", 8, int)
         self.num_kv_heads = get("num_kv_heads", 4, int)
@@ -55,7 +55,7 @@ class Hyperparameters:
         self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
         self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
         # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
-        self.ssm_layers = get("ssm_layers", ",".join(map(str, range(self.num_layers))), lambda s: [int(i) for i in s.split(",") if i])
+        self.ssm_layers = get("ssm_layers", "0", lambda s: [int(i) for i in s.split(",") if i])
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -65,7 +65,7 @@ class Hyperparameters:
         self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
         self.train_seq_len = get("train_seq_len", 2048, int)
-        self.train_batch_tokens = get("train_batch_tokens", 524288, int)
+        self.train_batch_tokens = get("train_batch_tokens", 786432, int)
         self.grad_accum_steps = get("grad_accum_steps", 0, int)  # 0: 8 // world_size
         self.iterations = get("iterations", 20000, int)
         self.max_wallclock_seconds = get("max_wallclock_seconds", 600.0, float)

@@ -49,7 +49,7 @@ def test_scan_backends_agree(backend, shape, dtype, tol):
 
 def tiny_args():
     args = tg.Hyperparameters({})
-    args.num_layers, args.train_seq_len = 2, 512
+    args.num_layers, args.train_seq_len, args.ssm_layers = 2, 512, [0, 1]  # both layers exercise the scan
     return args
 
 

@@ -139,15 +139,15 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5"}
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"),
-                        f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=98304", f"second {tmp_path}/b.py"],
+                        f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=65536", f"second {tmp_path}/b.py"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     first, second = ((out / f"{t}.out").read_text().split("\n")[0].split() for t in ("first", "second"))
     assert first[1:5] == ["0", "p1_first", "x", "240"] and second[1:5] == ["1", "p1_second", "None", "240"]
     assert first[5] != second[5] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
-    assert rows == [["first", "42", "98304", "54.40", "4398", "1.3649", "1.36736", "1.36470", "15694627"],
-                    ["second", "1337", "65536", "55.52", "4309", "1.3584", "1.36058", "-", "15900670"]]
+    assert rows == [["first", "42", "65536", "54.40", "4398", "1.3649", "1.36736", "1.36470", "15694627"],
+                    ["second", "1337", "98304", "55.52", "4309", "1.3584", "1.36058", "-", "15900670"]]
 
 
 @pytest.mark.parametrize("setting", ["MAX_WALLCLOCK_SECONDS=9", "EVAL_MODE=sliding", "GRAD_ACCUM_STEPS=2"])
