@@ -967,9 +967,7 @@ EMBED_TABLES = ("tok_emb.weight", "value_embed.weight")
 
 
 def export_kind(name: str, t: Tensor) -> str:
-    if name in EMBED_TABLES or any(s in name for s in SSM_SENSITIVE):
-        return "fp16"
-    if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL:
+    if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and name not in EMBED_TABLES and not any(s in name for s in SSM_SENSITIVE):
         return "mlp" if ".mlp." in name else "mixer"
     return "fp16"
 
@@ -1365,18 +1363,17 @@ def main():
     if exit_code:
         log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
     model.load_state_dict(deserialize(blob))
+    strides = {"flat": 0, "sliding": args.eval_stride}  # the window modes' strides (0: consecutive windows)
     for mode in dict.fromkeys(("flat", args.eval_mode)):
         t = time.perf_counter()
         if mode == "stateful":
             vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
         else:
-            stride = args.eval_stride if mode == "sliding" else 0
-            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, stride, val_batch_seqs, rank, world)
+            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, strides[mode], val_batch_seqs, rank, world)
         log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     if args.ttt_epochs > 0:
         t = time.perf_counter()
-        stride = args.eval_stride if args.eval_mode == "sliding" else 0
-        vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, stride, val_batch_seqs, args, rank, world)
+        vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, strides[args.eval_mode], val_batch_seqs, args, rank, world)
         log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if distributed:

@@ -3,9 +3,10 @@
 #   DATA_PATH=... TOKENIZER_PATH=... OUT=results/ bash bench/p1_pair.sh "TAG SCRIPT [VAR=value ...]" ["TAG SCRIPT ..."]
 # SCRIPT is a copy of train_gpt.py (e.g. `git show BRANCH:train_gpt.py > b.py`); each run gets the P1 command's
 # settings (98,304 tokens per step: one rank's share of the default 786,432), then its own VAR=value ones (SEED and
-# TRAIN_BATCH_TOKENS may differ from P1's; the wallclock, the accumulation, the scoring mode and the paths may not). Logs and stdout go to $OUT; a table ends the output.
+# TRAIN_BATCH_TOKENS may differ from P1's; the wallclock, the accumulation, the scoring mode and the paths may
+# not). Logs and stdout go to $OUT; a table ends the output.
 set -u
-[ $# -ge 1 ] || { sed -n 2,6p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,7p "$0"; exit 2; }
 for spec in "$@"; do
   if [[ " $spec" =~ \ (MAX_WALLCLOCK_SECONDS|GRAD_ACCUM_STEPS|EVAL_MODE|DATA_PATH|TOKENIZER_PATH|RUN_ID|CUDA_VISIBLE_DEVICES)= ]]; then
     echo "p1_pair: '$spec' sets ${BASH_REMATCH[1]}, which P1 fixes" >&2; exit 2
