@@ -36,6 +36,19 @@ def test_submission_json_from_three_seeds(logs, tmp_path):
     assert s["bytes_total"] == max(int(re.search(r"Total submission size \S+: (\d+)", open(p).read()).group(1)) for p in logs)
     assert s["compliance"]["three_seeds"] and s["compliance"]["artifact_under_16mb"] and s["hardware"] == "1x cpu"
     assert 0 <= s["significance"]["p_value"] <= 1 and s["val_bpb_std"] > 0
+    # the runs trained on the validation split after scoring it (TTT_EPOCHS defaults to 3): the summary says so
+    flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", open(logs[1]).read()).group(1))
+    assert s["seed_results"]["42"]["val_bpb_before_ttt"] == flat
+    assert s["compliance"]["score_first_ttt"].startswith("score-first: each 32768-token chunk") and "3 epochs" in s["compliance"]["score_first_ttt"]
+
+
+def test_submission_without_ttt(logs, tmp_path):
+    """Logs of runs without TTT: no before-TTT score, and the compliance entry says there was none."""
+    no_ttt = [edited(p, tmp_path, f"no_ttt{i}.txt", r'"ttt_epochs": 3', '"ttt_epochs": 0') for i, p in enumerate(logs)]
+    summarize.main(no_ttt + ["--out", str(tmp_path / "s.json")])
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["compliance"]["score_first_ttt"] == "no test-time training"
+    assert all("val_bpb_before_ttt" not in r for r in s["seed_results"].values())
 
 
 def edited(path, tmp_path, name, old, new, count=1):
