@@ -65,7 +65,7 @@ class Hyperparameters:
         self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
         self.train_seq_len = get("train_seq_len", 2048, int)
-        self.train_batch_tokens = get("train_batch_tokens", 786432, int)
+        self.train_batch_tokens = get("train_batch_tokens", 1048576, int)
         self.grad_accum_steps = get("grad_accum_steps", 0, int)  # 0: 8 // world_size
         self.iterations = get("iterations", 20000, int)
         self.max_wallclock_seconds = get("max_wallclock_seconds", 600.0, float)
