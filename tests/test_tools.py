@@ -37,10 +37,18 @@ def test_submission_json_from_three_seeds(logs, tmp_path):
     assert s["compliance"]["three_seeds"] and s["compliance"]["artifact_under_16mb"] and s["hardware"] == "1x cpu"
     assert 0 <= s["significance"]["p_value"] <= 1 and s["val_bpb_std"] > 0
     # the runs trained on the validation split after scoring it (TTT_EPOCHS defaults to 3): the summary says so
-    flat = float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", open(logs[1]).read()).group(1))
-    assert s["seed_results"]["42"]["val_bpb_before_ttt"] == flat
     rule = s["compliance"]["score_first_ttt"]
     assert rule.startswith("score-first: each 32768-token chunk") and "3 epochs" in rule
+
+
+def test_submission_keeps_the_score_before_ttt(logs, tmp_path):
+    """Each seed's flat score (before TTT) is read from its own line, not from the TTT line after it. The tiny runs'
+    validation is one TTT chunk, so both lines hold the same number: seed 42's flat line is edited apart."""
+    apart = edited(logs[1], tmp_path, "apart.txt", r"^(final_roundtrip_flat val_loss:\S+ val_bpb:)\S+", r"\g<1>9.87654321")
+    summarize.main([logs[0], apart, logs[2], "--out", str(tmp_path / "s.json")])
+    seed42 = json.loads((tmp_path / "s.json").read_text())["seed_results"]["42"]
+    final = float(re.search(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", open(logs[1]).read()).group(1))
+    assert seed42["val_bpb_before_ttt"] == 9.87654321 and seed42["val_bpb"] == final
 
 
 def test_submission_without_ttt(logs, tmp_path):

@@ -87,7 +87,8 @@ def ttt_rule(hyper: dict) -> str:
     if not hyper.get("ttt_epochs", 0):
         return "no test-time training"
     return (f"score-first: each {hyper['ttt_chunk_tokens']}-token chunk of the validation split is scored before "
-            f"{hyper['ttt_epochs']} epochs of training on it (lr {hyper['ttt_lr']}); val_bpb_before_ttt is the same artifact without it")
+            f"{hyper['ttt_epochs']} epochs of training on it (lr {hyper['ttt_lr']}); "
+            "val_bpb_before_ttt is the same artifact without it")
 
 
 def incomplete_beta(a: float, b: float, x: float) -> float:
