@@ -11,7 +11,7 @@ import pytest
 
 import plot
 import summarize
-from helpers import ROOT, TINY_ENV, run_script, tg
+from helpers import ROOT, TINY_ENV, run_script, small_args, tg
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +186,6 @@ def test_p1_pair_refuses_settings_that_p1_fixes(tmp_path, setting):
 def test_step_time_counts_the_models_matmuls(ssm_layers):
     """bench/step_time.py's FLOPs per token are 6 per weight of every linear map (the tied head included) plus
     the attention scores, for any set of hybrid layers (its attention-only row is SSM_LAYERS empty)."""
-    import train_gpt as tg
-    from helpers import small_args
-
     args = small_args(ssm_layers=ssm_layers)
     model = tg.GPT(args)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, tg.CastedLinear)) + model.tok_emb.weight.numel()
