@@ -557,162 +557,146 @@ try:
 except ImportError:
     triton = None
 
-# Triton scan: SCAN_WARPS warps of 32 threads per program, a thread per channel; SCAN_CHUNK time steps per unrolled
-# chunk (the forward saves the state at each chunk's start for the backward)
-SCAN_WARPS, SCAN_CHUNK = 1, 8
+SCAN_BLOCK_D, SCAN_CHUNK, SCAN_WARPS = 16, 16, 4  # channels per Triton program; time steps per tile; warps
 
 if triton is not None:
-    # One program per (sequence, block of 32 * SCAN_WARPS channels) walks time step by step. Tiles are (state,
-    # channel), so that Triton gives each thread one channel with all its states in registers: the scan and the
-    # sums over states need no communication between threads. Steps are unrolled a chunk at a time, so that
-    # their loads are in flight together. The backward re-runs a chunk forward from its saved entry state,
-    # keeping every step's state in registers, then walks the chunk backwards in time.
+    # One program per (sequence, block of channels) walks time a chunk of SCAN_CHUNK steps at a time: the chunk's
+    # states come from a parallel scan over the tile (time, channels, states) plus its entry state, kept in
+    # registers. The forward saves each chunk's entry state (and the final state); the backward recomputes the
+    # chunk's states from it and runs the adjoint scan backwards in time.
 
     @triton.jit
-    def _step_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, bias, su, sd, sb, sc, b, t, T, d, n, dm, nm):
-        """Step t's mask, u, delta + bias, dt = softplus(delta + bias) (0 past the end, so that the state passes
-        through unchanged), B and C, in fp32."""
-        row, m, mn = b * T + t, dm & (d * 0 + t < T), nm & (n * 0 + t < T)
-        u = tl.load(u_ptr + row * su + d, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(delta_ptr + row * sd + d, mask=m, other=0.0).to(tl.float32) + bias
+    def _combine(a1, b1, a2, b2):  # (a, b) pairs compose as h -> a2 (a1 h + b1) + b2
+        return a1 * a2, b1 * a2 + b2
+
+    @triton.jit
+    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K: tl.constexpr, N: tl.constexpr):
+        """Offsets and mask of chunk c's (time, channel) tile, its fp32 u, delta + bias, dt = softplus(delta + bias)
+        (0 past the end, so the state passes through unchanged), B, C, the decays a and the states h."""
+        t = c * K + tl.arange(0, K)
+        off, m = (b * T + t[:, None]) * DI + d[None, :], (t[:, None] < T) & dm[None, :]
+        mn = (t[:, None] < T) & nm[None, :]
+        u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias[None, :]
         dt = tl.where(m, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), 0.0)
-        Bt = tl.load(B_ptr + row * sb + n, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + row * sc + n, mask=mn, other=0.0).to(tl.float32)
-        return m, u, x, dt, Bt, Ct
+        Bt = tl.load(B_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, :, None] * A[None, :, :])
+        bx = (dt * u)[:, :, None] * Bt[:, None, :]
+        decay, h = tl.associative_scan((a, bx), 0, _combine)
+        return off, m, u, x, dt, Bt, Ct, a, bx, decay * h0[None, :, :] + h
+
+    @triton.jit
+    def _row(x, i, K: tl.constexpr):
+        """Row i of a (time, channel, state) tile."""
+        return tl.sum(tl.where(tl.arange(0, K)[:, None, None] == i, x, 0.0), axis=0)
 
     @triton.jit
     def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
-        """This program's sequence b and channels d, state indices n, their masks, the offsets of its (state,
-        channel) tile in a (d_state, d_inner) tensor (channels contiguous, as in every other tile), and its A (given
-        as A^T), D and dt bias."""
+        """This program's sequence b and channel block: channel and state indices, their masks, the flat offsets of
+        its (channel, state) tile, and its A, D and dt bias."""
         b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
         d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
         dm, nm = d < DI, n < N
-        nd, state = nm[:, None] & dm[None, :], n[:, None] * DI + d[None, :]
-        A = tl.load(A_ptr + state, mask=nd, other=0.0)
+        dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
+        A = tl.load(A_ptr + state, mask=dn, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
-        return b, blk, d, n, dm, nm, nd, state, A, Dv, bias
+        return b, blk, d, n, dm, nm, dn, state, A, Dv, bias
 
     @triton.jit
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         su, sd, sb, sc, sz, T, DI, NC,
-                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
-        b, blk, d, n, dm, nm, nd, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        A2 = A * 1.4426950408889634  # exp(dt A) = exp2(dt A log2(e))
-        h = tl.load(h0_ptr + b * DI * N + state, mask=nd, other=0.0)
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
+        h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
         for c in range(NC):
-            tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=nd)
-            for k in tl.static_range(K):
-                t = c * K + k
-                m, u, _, dt, Bt, Ct = _step_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, bias, su, sd, sb, sc, b, t, T,
-                                                   d, n, dm, nm)
-                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
-                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
-                z = tl.load(z_ptr + (b * T + t) * sz + d, mask=m, other=0.0).to(tl.float32)
-                tl.store(out_ptr + (b * T + t) * DI + d, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * DI * N + state, h, mask=nd)
+            tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
+            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI, d, n, dm, nm, K, N)
+            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
+            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+            h = _row(hs, K - 1, K)
+        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * DI * N + state, h, mask=dn)
 
     @triton.jit
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
                          du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                         su, sd, sb, sc, sz, T, DI, NC, NBLK,
-                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
-        b, blk, d, n, dm, nm, nd, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        A2 = A * 1.4426950408889634
-        after = tl.zeros((NP, BD), tl.float32)  # a_{t+1} dL/dh_{t+1}, from the step after this one
-        dA = tl.zeros((NP, BD), tl.float32)
-        dD, dbias = tl.zeros((BD,), tl.float32), tl.zeros((BD,), tl.float32)
+                         T, DI, NC, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
+        rows = tl.arange(0, K)[:, None, None]
+        after = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1} for the step after this chunk
+        dA_acc = tl.zeros((BD, NP), tl.float32)
+        dD_acc, dbias_acc = tl.zeros((BD,), tl.float32), tl.zeros((BD,), tl.float32)
         for cc in range(NC):
             c = NC - 1 - cc
-            h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=nd, other=0.0)
-            before = ()  # the state before each step of the chunk
-            for k in tl.static_range(K):
-                t = c * K + k
-                _, u, _, dt, Bt, _ = _step_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, bias, su, sd, sb, sc, b, t, T,
-                                                  d, n, dm, nm)
-                before = before + (h,)
-                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
-            for kk in tl.static_range(K):
-                t = c * K + K - 1 - kk
-                row = b * T + t
-                m, u, x, dt, Bt, Ct = _step_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, bias, su, sd, sb, sc, b, t, T,
-                                                   d, n, dm, nm)
-                a = tl.exp2(dt[None, :] * A2)
-                h = a * before[K - 1 - kk] + Bt[:, None] * (dt * u)[None, :]
-                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
-                z = tl.load(z_ptr + row * sz + d, mask=m, other=0.0).to(tl.float32)
-                dout = tl.load(dout_ptr + row * DI + d, mask=m, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(z)
-                dy = dout * z * sig
-                # dL/dh_t = C_t dy_t + a_{t+1} dL/dh_{t+1}
-                g = Ct[:, None] * dy[None, :] + after
-                dlog_a = g * a * before[K - 1 - kk]
-                gB = tl.sum(g * Bt[:, None], axis=0)
-                ddelta = tl.where(m, (tl.sum(dlog_a * A, axis=0) + gB * u) * tl.sigmoid(x), 0.0)
-                tl.store(du_ptr + row * DI + d, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
-                tl.store(ddelta_ptr + row * DI + d, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
-                tl.store(dz_ptr + row * DI + d, (dout * y * sig * (1 + z * (1 - sig))).to(dz_ptr.dtype.element_ty), mask=m)
-                part = ((b * NBLK + blk) * T + t) * NP + n  # this block's share of dB and dC, summed outside
-                tl.store(dB_ptr + part, tl.sum(g * (dt * u)[None, :], axis=1), mask=nm & (n * 0 + t < T))
-                tl.store(dC_ptr + part, tl.sum(h * dy[None, :], axis=1), mask=nm & (n * 0 + t < T))
-                dA += dlog_a * dt[None, :]
-                dD += dy * u
-                dbias += ddelta
-                after = a * g
-        tl.store(dA_ptr + b * DI * N + state, dA, mask=nd)
-        tl.store(dD_ptr + b * DI + d, dD, mask=dm)
-        tl.store(dbias_ptr + b * DI + d, dbias, mask=dm)
+            h0 = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=dn, other=0.0)
+            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K, N)
+            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
+            sz = tl.sigmoid(z)
+            dy = dout * z * sz
+            # dL/dh_t = dy_t C_t + a_{t+1} dL/dh_{t+1}: a scan backwards in time over (a_{t+1}, dy_t C_t)
+            a_next = tl.gather(a, tl.minimum(rows + 1, K - 1) + tl.zeros_like(a).to(tl.int32), 0)
+            last = rows == K - 1
+            _, g = tl.associative_scan((tl.where(last, 0.0, a_next), dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
+                                       0, _combine, reverse=True)
+            dlog_a = g * (hs - bx)  # dL/dh_t * a_t h_{t-1}
+            gB = tl.sum(g * Bt[:, None, :], axis=2)
+            ddelta = (tl.sum(dlog_a * A[None, :, :], axis=2) + gB * u) * tl.sigmoid(x)
+            ddelta = tl.where(m, ddelta, 0.0)
+            tl.store(du_ptr + off, (dy * Dv[None, :] + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddelta_ptr + off, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
+            tl.store(dz_ptr + off, (dout * y * sz * (1 + z * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+            t = c * K + tl.arange(0, K)
+            part, mn = ((b * NBLK + blk) * T + t[:, None]) * NP + n[None, :], (t[:, None] < T) & nm[None, :]
+            tl.store(dB_ptr + part, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mn)
+            tl.store(dC_ptr + part, tl.sum(hs * dy[:, :, None], axis=1), mask=mn)
+            dA_acc += tl.sum(dlog_a * dt[:, :, None], axis=0)
+            dD_acc += tl.sum(dy * u, axis=0)
+            dbias_acc += tl.sum(ddelta, axis=0)
+            after = _row(a * g, 0, K)
+        tl.store(dA_ptr + b * DI * N + state, dA_acc, mask=dn)
+        tl.store(dD_ptr + b * DI + d, dD_acc, mask=dm)
+        tl.store(dbias_ptr + b * DI + d, dbias_acc, mask=dm)
 
 
-def _rows(x: Tensor) -> tuple[Tensor, int]:
-    """x (batch, time, width), or a column slice of such a tensor, and its row stride: the kernels read rows in
-    place; anything else is copied."""
-    if x.stride(2) != 1 or x.stride(0) != x.size(1) * x.stride(1):
-        x = x.contiguous()
-    return x, x.stride(1)
-
-
-def _scan_shape(u: Tensor, A: Tensor):
-    """(grid, chunks, channels per program, state lanes)."""
-    bd = 32 * SCAN_WARPS
-    return (u.size(0), triton.cdiv(u.size(2), bd)), triton.cdiv(u.size(1), SCAN_CHUNK), bd, triton.next_power_of_2(A.size(1))
+def _scan_grid(u, A):
+    b, T, di = u.shape
+    return (b, triton.cdiv(di, SCAN_BLOCK_D)), triton.cdiv(T, SCAN_CHUNK), triton.next_power_of_2(A.size(1))
 
 
 @torch.library.custom_op("hymba::triton_scan_fwd", mutates_args=())
 def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, states): the state (batch, d_state, d_inner) entering each chunk, then the final state; A and h0 are
-    given transposed too (d_state, d_inner), (batch, d_state, d_inner)."""
-    grid, nc, bd, np2 = _scan_shape(u, A)
-    (u, su), (delta, sd), (B, sb), (C, sc), (z, sz) = map(_rows, (u, delta, B, C, z))
-    out = u.new_empty(u.shape)
-    ckpt = u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, su, sd, sb, sc, sz, u.size(1),
-                           u.size(2), nc, N=A.size(0), NP=np2, BD=bd, K=SCAN_CHUNK, num_warps=SCAN_WARPS)
+    """(out, states): the state (batch, d_inner, d_state) entering each chunk, then the final state."""
+    grid, nc, np2 = _scan_grid(u, A)
+    out = torch.empty_like(u)
+    ckpt = u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), nc,
+                           N=A.size(1), NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK, num_warps=SCAN_WARPS)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, h0):
     nc = -(-u.size(1) // SCAN_CHUNK)
-    return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
+    return _empty(u)[0], u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    (b, nblk), nc, bd, np2 = _scan_shape(u, A)
-    T, di, n = u.size(1), u.size(2), A.size(0)
-    du, ddelta, dz = _empty(u, delta, z)
-    (u, su), (delta, sd), (B, sb), (C, sc), (z, sz) = map(_rows, (u, delta, B, C, z))
+    (b, nblk), nc, np2 = _scan_grid(u, A)
+    T, di, n = u.size(1), u.size(2), A.size(1)
     f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
     dB, dC = torch.empty(b, nblk, T, np2, **f32), torch.empty(b, nblk, T, np2, **f32)
-    dA, dD, dbias = torch.empty(b, n, di, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
-    _scan_bwd_kernel[(b, nblk)](dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
-                                dA, dD, dbias, su, sd, sb, sc, sz, T, di, nc, nblk, N=n, NP=np2, BD=bd,
-                                K=SCAN_CHUNK, num_warps=SCAN_WARPS)
-    dB, dC = (x.sum(1)[..., :n].to(B.dtype).contiguous() for x in (dB, dC))
-    return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0)
+    dA, dD, dbias = torch.empty(b, di, n, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
+    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
+                                dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK,
+                                num_warps=SCAN_WARPS)
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(), dC.sum(1)[..., :n].to(C.dtype).contiguous(),
+            dD.sum(0), dz, dbias.sum(0))
 
 
 @triton_scan_bwd.register_fake
@@ -721,8 +705,8 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
 
 
 def _triton_scan_backward(ctx, dout, _):
-    u, delta, At, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
-    return *triton_scan_bwd(dout, u, delta, At, B, C, D, z, delta_bias, ckpt), None
+    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
+    return *triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt), None
 
 
 triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
@@ -730,9 +714,10 @@ triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
     """out, or (out, final state) when starting from state h0 (forward only: the state gets no gradient)."""
-    start = u.new_zeros(u.size(0), A.size(1), u.size(2), dtype=torch.float32) if h0 is None else h0.mT.contiguous()
-    out, states = triton_scan_fwd(u, delta, A.t().contiguous(), B, C, D, z, delta_bias, start)
-    return out if h0 is None else (out, states[:, -1].mT)
+    c = lambda v: v.contiguous()
+    start = u.new_zeros(u.size(0), u.size(2), A.size(1), dtype=torch.float32) if h0 is None else c(h0)
+    out, states = triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), start)
+    return out if h0 is None else (out, states[:, -1])
 
 
 def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor, tail: Tensor | None = None) -> Tensor:

@@ -2,9 +2,8 @@
 control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes.
 
     python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton,attention]
-Prints one row per variant: the first step's seconds (torch.compile and the Triton kernels' compilation), median
-ms/step over the timed steps (after warm-up), tokens/s, peak GiB, model FLOPs utilisation against the bf16 matmul
-rate measured here. Model settings come from train_gpt.py's
+Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
+model FLOPs utilisation against the bf16 matmul rate measured here. Model settings come from train_gpt.py's
 environment variables.
 """
 import argparse
@@ -57,7 +56,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--batch-tokens", type=int, default=131072)
+    p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--impls", default="triton,mamba_ssm,attention")
     p.add_argument("--profile", default="", help="variants to profile, comma-separated (top kernels and categories, ms per step)")
     a = p.parse_args()
@@ -84,18 +83,17 @@ def main():
                 o.step()
             model.zero_grad(set_to_none=True)
 
-        times, first = [], None
+        times = []
         for i in range(a.warmup + a.steps):
             torch.cuda.synchronize()
             t = time.perf_counter()
             step()
             torch.cuda.synchronize()
-            first = first or time.perf_counter() - t
             if i >= a.warmup:
                 times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times)
         mfu = flops_per_token(args) * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
-        rows.append((impl, desc, first, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
+        rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
         if impl in a.profile.split(","):
             n = 5
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -115,11 +113,9 @@ def main():
                 print(f"  {t:7.2f} ms  {name[:110]}")
         torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
-    base = {impl: ms for impl, _, _, ms, *_ in rows}.get("attention")
-    print(f"{'variant':<10} {'first s':>7} {'ms/step':>8} {'vs attn':>7} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")
-    for impl, desc, first, ms, tps, mem, mfu in rows:
-        ratio = f"{ms / base:.2f}x" if base else "-"
-        print(f"{impl:<10} {first:7.1f} {ms:8.1f} {ratio:>7} {tps:7.3f} {mem:8.1f} {mfu:6.1%}  {desc}")
+    print(f"{'variant':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")
+    for impl, desc, ms, tps, mem, mfu in rows:
+        print(f"{impl:<10} {ms:8.1f} {tps:7.3f} {mem:8.1f} {mfu:6.1%}  {desc}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Triton scan kernels, run on the CPU by Triton's interpreter, against the sequential recurrence (forward and
-every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes, inputs
-that are column slices of wider tensors), and its forward from a given state against the torch scan's."""
+every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes), and
+its forward from a given state against the torch scan's."""
 import importlib.util
 import os
 import subprocess
@@ -14,7 +14,7 @@ CHECK = """
 import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
-for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (16, (1, 35, 16, 130))]:
+for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]:
     tg.SCAN_CHUNK = chunk
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
@@ -29,18 +29,7 @@ h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
 ref_out, ref_final = tg.scan_from_state(*[x.double() for x in inputs], h0.double())
 assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.double() - ref_final).norm() <= 2e-5 * ref_final.norm()
-op_inputs = inputs[:2] + [inputs[2].t().contiguous()] + inputs[3:]  # the op takes A and the state transposed
-torch.library.opcheck(tg.triton_scan_fwd, [x.contiguous().requires_grad_() for x in op_inputs] + [h0.mT.contiguous()])
-# as in the model: z, B and C are column slices of wider projections, read in place
-u, delta, A, B, C, D, z, bias = random_inputs(2, 40, 4, 9, torch.float32, seed=5)
-z = torch.cat([z, torch.randn_like(z)], dim=-1)[..., :40]
-B, C = torch.cat([B, C, torch.randn_like(B)], dim=-1)[..., :8].split(4, dim=-1)
-strided = [u, delta, A, B, C, D, z, bias]
-assert not (z.is_contiguous() or B.is_contiguous() or C.is_contiguous())
-dout = torch.randn_like(u)
-ours = outputs_and_grads(tg.triton_scan, strided, dout)
-ref = outputs_and_grads(sequential_scan, [x.double() for x in strided], dout.double())
-assert all((a.double() - b).norm() <= 2e-5 * b.norm() for a, b in zip(ours, ref))
+torch.library.opcheck(tg.triton_scan_fwd, [x.contiguous().requires_grad_() for x in inputs] + [h0])
 print("ok")
 """
 
