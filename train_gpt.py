@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
 
@@ -29,12 +30,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ----------------------------------------------------------------------------- hyperparameters
 
 
+def int_list(s: str) -> list[int]:
+    return [int(i) for i in s.split(",") if i]
+
+
 class Hyperparameters:
     """Every setting comes from an environment variable of the upper-case name, with the default shown."""
 
     def __init__(self, env=os.environ):
         def get(name, default, cast=str):
-            return cast(env.get(name.upper(), default))
+            value = env.get(name.upper(), default)
+            try:
+                return cast(value)
+            except ValueError:
+                raise ValueError(f"{name.upper()}={value!r} is not a valid {cast.__name__}") from None
 
         self.data_path = get("data_path", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = get("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
@@ -55,7 +64,7 @@ class Hyperparameters:
         self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
         self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
         # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
-        self.ssm_layers = get("ssm_layers", "0", lambda s: [int(i) for i in s.split(",") if i])
+        self.ssm_layers = get("ssm_layers", "0", int_list)
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -108,6 +117,46 @@ class Hyperparameters:
     @property
     def val_files(self):
         return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    @property
+    def log_path(self):
+        return f"logs/{self.run_id}.txt"
+
+    def check(self, world: int = 1, rank: int = 0):
+        """Refuse, before anything runs, settings no run can finish with, naming each variable and its value.
+        GRAD_ACCUM_STEPS=0 becomes 8 // world."""
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
+                     "iterations", "train_log_every", "eval_seq_len"):
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        if self.grad_accum_steps <= 0:
+            need(8 % world == 0, f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS")
+            self.grad_accum_steps = 8 // world
+        need(self.train_batch_tokens % (world * self.grad_accum_steps * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must split into {world} ranks x {self.grad_accum_steps} "
+             f"micro-steps of whole TRAIN_SEQ_LEN={self.train_seq_len} sequences")
+        need(self.eval_mode in ("flat", "sliding", "stateful"),
+             f"EVAL_MODE={self.eval_mode}: expected flat, sliding or stateful")
+        need(self.eval_mode != "sliding" or 0 < self.eval_stride < self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} must be between 0 and EVAL_SEQ_LEN={self.eval_seq_len} (exclusive)")
+        need(self.ttt_epochs <= 0 or self.eval_mode != "stateful", f"TTT_EPOCHS={self.ttt_epochs} scores flat or "
+             "sliding windows, not EVAL_MODE=stateful: set EVAL_MODE=flat or sliding, or TTT_EPOCHS=0")
+        if self.ttt_epochs > 0:
+            ttt_chunks(0, self.eval_seq_len, 0, self.ttt_chunk_tokens, world)  # checks the chunk size
+        need(2 <= self.mixer_bits <= 8 and 2 <= self.mlp_bits <= 8,
+             f"MIXER_BITS={self.mixer_bits} and MLP_BITS={self.mlp_bits} must be between 2 and 8")
+        if rank == 0:  # the rank that writes the log and the artifact
+            need(not os.path.exists(self.log_path), f"RUN_ID={self.run_id!r}: {self.log_path} exists and a log "
+                 "holds one run; choose another RUN_ID or delete the log")
+            folder = os.path.dirname(self.artifact_path) or "."
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise ValueError(f"ARTIFACT_PATH={self.artifact_path!r}: cannot write a file in {folder}: "
+                                 f"{e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -1162,6 +1211,7 @@ def main():
     args = Hyperparameters()
     distributed = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    args.check(world, rank)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1169,31 +1219,25 @@ def main():
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     master = rank == 0
-    if args.grad_accum_steps <= 0:
-        if 8 % world:
-            raise ValueError(f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS")
-        args.grad_accum_steps = 8 // world
-    local_tokens, rem = divmod(args.train_batch_tokens, world * args.grad_accum_steps)
-    if rem or local_tokens % args.train_seq_len:
-        raise ValueError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {world} ranks x "
-                         f"{args.grad_accum_steps} micro-steps of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences")
-
-    if args.eval_mode not in ("flat", "sliding", "stateful"):
-        raise ValueError(f"EVAL_MODE={args.eval_mode}: expected flat, sliding or stateful")
-    if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
-        raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
-    if args.ttt_epochs > 0 and args.eval_mode == "stateful":
-        raise ValueError("TTT_EPOCHS > 0 scores flat or sliding windows: set EVAL_MODE=flat or sliding, or TTT_EPOCHS=0")
-    if not 2 <= args.mixer_bits <= 8 or not 2 <= args.mlp_bits <= 8:
-        raise ValueError(f"MIXER_BITS={args.mixer_bits} and MLP_BITS={args.mlp_bits} must be between 2 and 8")
+    local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
     bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
+
+    # The data and the model are checked before the log is opened: a refused run leaves none.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = byte_luts(sp, device)
+    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
+    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
+    model = GPT(args, scan_fn, conv_fn).to(device)
+
     os.makedirs("logs", exist_ok=True)
-    log_path = f"logs/{args.run_id}.txt"
 
     def log0(msg: str):
         if master:
             print(msg, flush=True)
-            with open(log_path, "a") as f:
+            with open(args.log_path, "a") as f:
                 f.write(msg + "\n")
 
     code = open(__file__, "rb").read()
@@ -1202,21 +1246,9 @@ def main():
     log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
          f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
     log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
-    if args.ttt_epochs > 0:  # refuse a bad chunk size now rather than after training
-        ttt_chunks(val_tokens.numel() - 1, args.eval_seq_len, 0, args.ttt_chunk_tokens, world)
     log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
          f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
-
-    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
     log0(f"backends: {backends}")
-    model = GPT(args, scan_fn, conv_fn).to(device)
     log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
     train_model = compiled

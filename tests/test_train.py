@@ -1,5 +1,6 @@
 """The script end to end on a CPU: a short run learns and scores its reloaded artifact; two gloo processes
-reproduce one process with twice the accumulation; an artifact over the cap fails loudly."""
+reproduce one process with twice the accumulation; an artifact over the cap fails loudly; bad settings and bad data
+are refused before anything runs."""
 import math
 import os
 import re
@@ -100,13 +101,35 @@ def test_stateful_scoring_end_to_end(dataset, tmp_path):
     assert final == stateful and abs(stateful - flat) < 0.1
 
 
-def test_bad_eval_settings_are_refused(dataset, tmp_path):
-    for env, message in (({"EVAL_MODE": "best"}, "EVAL_MODE=best: expected flat, sliding or stateful"),
-                         ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128"),
-                         ({"EVAL_MODE": "stateful", "TTT_EPOCHS": "1"}, "TTT_EPOCHS > 0 scores flat or sliding windows"),
-                         ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a positive multiple")):
-        result = run_script(str(tmp_path), env_for(dataset, "bad", ITERATIONS=1, **env), check=False)
-        assert result.returncode != 0 and message in result.stderr
+@pytest.mark.parametrize("env,world,message", [
+    ({"NUM_LAYERS": "abc"}, 1, "NUM_LAYERS='abc' is not a valid int"),
+    ({"MATRIX_LR": "fast"}, 1, "MATRIX_LR='fast' is not a valid float"),
+    ({"SSM_LAYERS": "0,x"}, 1, "SSM_LAYERS='0,x' is not a valid int_list"),
+    ({"ITERATIONS": "0"}, 1, "ITERATIONS=0 must be positive"),
+    ({}, 3, "WORLD_SIZE=3 does not divide 8; set GRAD_ACCUM_STEPS"),
+    ({"TRAIN_BATCH_TOKENS": "3000"}, 1, "TRAIN_BATCH_TOKENS=3000 must split into 1 ranks x 8 micro-steps"),
+    ({"EVAL_MODE": "best"}, 1, "EVAL_MODE=best: expected flat, sliding or stateful"),
+    ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, 1, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128"),
+    ({"EVAL_MODE": "stateful", "TTT_EPOCHS": "1"}, 1, "TTT_EPOCHS=1 scores flat or sliding windows"),
+    ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000"}, 1, "TTT_CHUNK_TOKENS=1000 must be a positive multiple"),
+    ({"MIXER_BITS": "9"}, 1, "MIXER_BITS=9 and MLP_BITS=6 must be between 2 and 8"),
+    ({"ARTIFACT_PATH": "missing/model.ptz"}, 1, "ARTIFACT_PATH='missing/model.ptz': cannot write a file in missing"),
+    ({"RUN_ID": "done"}, 1, "RUN_ID='done': logs/done.txt exists and a log holds one run; choose another RUN_ID"),
+])
+def test_bad_settings_are_refused_naming_the_variable_and_its_value(tmp_path, monkeypatch, env, world, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "done.txt").write_text("code: a finished run\n")
+    tg.Hyperparameters({**TINY_ENV, "RUN_ID": "new"}).check()  # the settings changed below pass
+    with pytest.raises(ValueError) as e:
+        tg.Hyperparameters({**TINY_ENV, "RUN_ID": "new", **env}).check(world)
+    assert message in str(e.value)
+
+
+def test_the_script_refuses_before_anything_runs(dataset, tmp_path):
+    result = run_script(str(tmp_path), env_for(dataset, "bad", NUM_LAYERS="abc"), check=False)
+    assert result.returncode == 1 and "NUM_LAYERS='abc' is not a valid int" in result.stderr
+    assert not os.listdir(tmp_path)  # no log, no artifact
 
 
 def test_training_ends_early_enough_for_the_gptq_calibration(dataset, tmp_path):
