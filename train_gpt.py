@@ -414,7 +414,7 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
     count = int(header[2])
     if size != 4 * HEADER_INTS + 2 * count:
         raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), file has {size} bytes")
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=4 * HEADER_INTS)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))  # read when used
     if count and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
     return tokens
@@ -427,8 +427,12 @@ def shard_paths(pattern: str) -> list[str]:
     return paths
 
 
-def load_validation_tokens(pattern: str, vocab_size: int) -> Tensor:
-    return torch.from_numpy(np.concatenate([load_shard(p, vocab_size) for p in shard_paths(pattern)]).astype(np.int64))
+def load_validation_tokens(pattern: str, vocab_size: int, seq_len: int) -> Tensor:
+    tokens = np.concatenate([load_shard(p, vocab_size) for p in shard_paths(pattern)]).astype(np.int64)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{pattern}: {len(tokens)} validation tokens, fewer than one window of "
+                         f"EVAL_SEQ_LEN + 1 = {seq_len + 1}")
+    return torch.from_numpy(tokens)
 
 
 class TokenLoader:
@@ -1228,7 +1232,9 @@ def main():
     torch.manual_seed(args.seed)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = byte_luts(sp, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
+    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
+    for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when the loader reaches it
+        load_shard(path, args.vocab_size)
     scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
     model = GPT(args, scan_fn, conv_fn).to(device)
 

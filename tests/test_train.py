@@ -4,7 +4,10 @@ are refused before anything runs."""
 import math
 import os
 import re
+import shutil
 
+import build_shards
+import numpy as np
 import pytest
 
 import train_gpt as tg
@@ -14,6 +17,17 @@ from helpers import TINY_ENV, run_script
 def env_for(dataset, run_id, **kw):
     data, tokenizer = dataset
     return {**TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": run_id, **{k: str(v) for k, v in kw.items()}}
+
+
+def main_exit_code(env, cwd, monkeypatch):
+    """train_gpt.main() in this process (no interpreter start-up), in cwd: the code it exits with."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as e:
+        tg.main()
+    return e.value.code
 
 
 def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
@@ -79,14 +93,8 @@ def test_two_processes_match_one_with_twice_the_accumulation(dataset, tmp_path):
 
 
 def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
-    for k, v in env_for(dataset, "cap", ITERATIONS=1, WARMUP_STEPS=0).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tg, "SIZE_CAP_BYTES", 1000)
-    with pytest.raises(SystemExit) as e:
-        tg.main()
-    assert e.value.code == 3
+    assert main_exit_code(env_for(dataset, "cap", ITERATIONS=1, WARMUP_STEPS=0), tmp_path, monkeypatch) == 3
     log = (tmp_path / "logs" / "cap.txt").read_text()
     assert re.search(r"ERROR: submission is \d+ bytes over the 1000-byte cap", log)
     assert "final_int8_zlib_roundtrip_exact" in log  # the score is still reported
@@ -130,6 +138,25 @@ def test_the_script_refuses_before_anything_runs(dataset, tmp_path):
     result = run_script(str(tmp_path), env_for(dataset, "bad", NUM_LAYERS="abc"), check=False)
     assert result.returncode == 1 and "NUM_LAYERS='abc' is not a valid int" in result.stderr
     assert not os.listdir(tmp_path)  # no log, no artifact
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: os.truncate(p, 1100), "header says 3000 tokens (7024 bytes), file has 1100 bytes"),
+    (lambda p: build_shards.write_shard(p, np.array([1, 2, 1024, 3])), "token id 1024 >= VOCAB_SIZE=1024"),
+])
+def test_every_train_shard_is_checked_before_training(dataset, tmp_path, monkeypatch, damage, message):
+    """A bad second shard is refused before the first step, although one step reads only the first shard."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        shutil.copy(os.path.join(dataset[0], name), data)
+    second = str(data / "fineweb_train_000001.bin")
+    build_shards.write_shard(second, np.arange(3000))
+    damage(second)
+    with pytest.raises(ValueError) as e:
+        main_exit_code({**env_for(dataset, "shards", ITERATIONS=1), "DATA_PATH": str(data)}, tmp_path, monkeypatch)
+    assert second in str(e.value) and message in str(e.value)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_training_ends_early_enough_for_the_gptq_calibration(dataset, tmp_path):
