@@ -1246,6 +1246,12 @@ def main():
             with open(args.log_path, "a") as f:
                 f.write(msg + "\n")
 
+    def fail(msg: str, artifact: bool = False):  # the reason ends the log; no score is logged, no artifact left
+        if master and artifact:
+            os.remove(args.artifact_path)
+        log0(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
+        sys.exit(1)
+
     code = open(__file__, "rb").read()
     log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -1339,10 +1345,16 @@ def main():
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
         sync()
-        elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), device=device, dtype=torch.float64)
+        # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
+        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=device, dtype=torch.float64)
+        clock[1] = loss.isfinite().logical_not()
         if distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        train_ms = elapsed.item()
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        train_ms, diverged = clock.tolist()
+        if diverged:
+            fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates too "
+                 f"high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} TIED_EMBED_LR={args.tied_embed_lr} "
+                 f"SSM_LR={args.ssm_lr})")
         step_avg = train_ms / step
         stop = step >= args.iterations or (
             args.max_wallclock_seconds > 0 and train_ms + step_avg + calib_reserve_ms > 1000 * args.max_wallclock_seconds)
@@ -1374,6 +1386,8 @@ def main():
             log0(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - 1000 * args.max_wallclock_seconds:.0f}ms")
     t = time.perf_counter()
     vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+    if not math.isfinite(vl):
+        fail(f"the EMA weights' pre-export val_loss is {vl}, not finite")
     log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
 
     t = time.perf_counter()
@@ -1408,10 +1422,14 @@ def main():
             vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
         else:
             vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, strides[mode], val_batch_seqs, rank, world)
+        if not math.isfinite(vl):
+            fail(f"the reloaded artifact's {mode} val_loss is {vl}, not finite", artifact=True)
         log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     if args.ttt_epochs > 0:
         t = time.perf_counter()
         vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, strides[args.eval_mode], val_batch_seqs, args, rank, world)
+        if not math.isfinite(vl):
+            fail(f"the val_loss after test-time training is {vl}, not finite (TTT_LR={args.ttt_lr})", artifact=True)
         log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if distributed:

@@ -1,6 +1,6 @@
 """The script end to end on a CPU: a short run learns and scores its reloaded artifact; two gloo processes
-reproduce one process with twice the accumulation; an artifact over the cap fails loudly; bad settings and bad data
-are refused before anything runs."""
+reproduce one process with twice the accumulation; an artifact over the cap fails loudly; bad settings, bad data and
+a diverging run end early with the reason, and leave no score or artifact."""
 import math
 import os
 import re
@@ -157,6 +157,34 @@ def test_every_train_shard_is_checked_before_training(dataset, tmp_path, monkeyp
         main_exit_code({**env_for(dataset, "shards", ITERATIONS=1), "DATA_PATH": str(data)}, tmp_path, monkeypatch)
     assert second in str(e.value) and message in str(e.value)
     assert not (tmp_path / "logs").exists()
+
+
+def test_diverging_training_stops_at_once(dataset, tmp_path, monkeypatch):
+    lrs = {k: "1e6" for k in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "SSM_LR")}
+    assert main_exit_code(env_for(dataset, "nan", ITERATIONS=20, TTT_EPOCHS=0, **lrs), tmp_path, monkeypatch) == 1
+    log = (tmp_path / "logs" / "nan.txt").read_text()
+    assert log.splitlines()[-1] == ("ERROR: train_loss at step 2 is not finite: training diverged, most likely from "
+                                    "learning rates too high (MATRIX_LR=1000000.0 SCALAR_LR=1000000.0 "
+                                    "TIED_EMBED_LR=1000000.0 SSM_LR=1000000.0); no artifact written")
+    assert "val_bpb" not in log and os.listdir(tmp_path) == ["logs"]
+
+
+@pytest.mark.parametrize("bad_call", [1, 2])  # the pre-export score; the reloaded artifact's
+def test_a_score_that_is_not_finite_ends_the_run(dataset, tmp_path, monkeypatch, bad_call):
+    calls = []
+
+    def evaluate(*a, **kw):
+        calls.append(1)
+        return (math.nan, math.nan) if len(calls) == bad_call else tg_evaluate(*a, **kw)
+
+    tg_evaluate = tg.evaluate
+    monkeypatch.setattr(tg, "evaluate", evaluate)
+    assert main_exit_code(env_for(dataset, "score", ITERATIONS=1, TTT_EPOCHS=0), tmp_path, monkeypatch) == 1
+    last = (tmp_path / "logs" / "score.txt").read_text().splitlines()[-1]
+    assert last == ("ERROR: the EMA weights' pre-export val_loss is nan, not finite; no artifact written"
+                    if bad_call == 1 else
+                    "ERROR: the reloaded artifact's flat val_loss is nan, not finite; the artifact is removed")
+    assert os.listdir(tmp_path) == ["logs"]
 
 
 def test_training_ends_early_enough_for_the_gptq_calibration(dataset, tmp_path):
