@@ -1077,14 +1077,19 @@ def _add_outer(H: Tensor, x: Tensor):
     H.addmm_(x.T, x)
 
 
+def gptq_layers(model: nn.Module) -> dict[str, CastedLinear]:
+    """The linear layers whose weights are exported as block matrices, by the names of those weights."""
+    return {name + ".weight": m for name, m in model.named_modules()
+            if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) != "fp16"}
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
     """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as a block matrix, over the batches."""
     hessians, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) in ("mixer", "mlp"):
-            H = hessians[name + ".weight"] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
-            hooks.append(m.register_forward_pre_hook(lambda _, inp, H=H: _add_outer(H, inp[0])))
+    for name, m in gptq_layers(model).items():
+        H = hessians[name] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+        hooks.append(m.register_forward_pre_hook(lambda _, inp, H=H: _add_outer(H, inp[0])))
     for x in batches:
         model(x)
     for hook in hooks:
@@ -1314,8 +1319,10 @@ def main():
         return hessians
 
     # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
-    # calibration batch now (after a first, loading call) and end training early enough for all of them.
-    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if args.gptq_calib_tokens > 0 else 0
+    # calibration batch now (after a first, loading call) and end training early enough for all of them. None
+    # when no matrix is large enough to be calibrated.
+    calib = args.gptq_calib_tokens > 0 and gptq_layers(model)
+    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if calib else 0
     calib_reserve_ms = 0.0
     if calib_batches:
         probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]

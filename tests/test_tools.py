@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import demo
 import plot
 import summarize
 from helpers import ROOT, TINY_ENV, run_script, small_args, tg
@@ -84,6 +85,13 @@ def test_refusals(logs, tmp_path):
     refused(logs[:2] + [edited(logs[2], tmp_path, "slow.txt", r"^training: 3 steps in \d+ms", "training: 3 steps in 600500ms")],
             "trained 600.5s, over 600s")
     refused([logs[0], logs[0]], "repeated seeds")
+
+
+def test_the_demo_model_reserves_no_time_for_calibration():
+    """None of the demo model's matrices is large enough to be calibrated: the script skips GPTQ's calibration and
+    its reserve of training time (on a busy 2-core CPU it took 147 s of the demo's 150)."""
+    assert tg.gptq_layers(tg.GPT(tg.Hyperparameters({k: str(v) for k, v in demo.TINY.items()}))) == {}
+    assert len(tg.gptq_layers(tg.GPT(small_args(model_dim=256)))) == 10
 
 
 def test_statistics_against_hand_computed_values():
