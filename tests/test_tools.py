@@ -85,6 +85,11 @@ def test_refusals(logs, tmp_path):
     refused(logs[:2] + [edited(logs[2], tmp_path, "slow.txt", r"^training: 3 steps in \d+ms", "training: 3 steps in 600500ms")],
             "trained 600.5s, over 600s")
     refused([logs[0], logs[0]], "repeated seeds")
+    twice = tmp_path / "twice.txt"
+    twice.write_text(open(logs[0]).read() + open(logs[0]).read())  # a RUN_ID used again, when logs were appended
+    refused([str(twice)] + logs[1:], f"{twice}: 2 runs in one log")
+    nan = edited(logs[2], tmp_path, "nan.txt", r"^(final_int8_zlib_roundtrip_exact) .*", r"\1 val_loss:nan val_bpb:nan")
+    refused(logs[:2] + [nan], f"{nan}: a loss or score that is not finite: 'final_int8_zlib_roundtrip_exact val_loss:")
 
 
 def test_the_demo_model_reserves_no_time_for_calibration():
