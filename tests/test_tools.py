@@ -92,6 +92,22 @@ def test_refusals(logs, tmp_path):
     refused(logs[:2] + [nan], f"{nan}: a loss or score that is not finite: 'final_int8_zlib_roundtrip_exact val_loss:")
 
 
+def demo_log(steps, val_loss):
+    return (f"training: {steps} steps in 150000ms, step_avg:1.00ms\n"
+            f"Total submission size int6: 123456 bytes (code 1 + model 2; cap 16000000)\n"
+            f"final_int8_zlib_roundtrip_exact val_loss:{val_loss} val_bpb:1.5\n")
+
+
+def test_demo_prints_no_result_of_a_model_that_did_not_learn():
+    assert demo.result(demo_log(500, 5.0)) == (1.5, 123456)
+    for log, reason in ((demo_log(1, 5.0), "1 training steps, fewer than 50"),
+                        (demo_log(500, 7.5), "final val_loss 7.5000 is not below ln(1024) = 6.9315"),
+                        (demo_log(500, "nan"), "final val_loss nan is not below")):
+        with pytest.raises(SystemExit) as e:
+            demo.result(log)
+        assert str(e.value).startswith("demo: no result") and reason in str(e.value), str(e.value)
+
+
 def test_the_demo_model_reserves_no_time_for_calibration():
     """None of the demo model's matrices is large enough to be calibrated: the script skips GPTQ's calibration and
     its reserve of training time (on a busy 2-core CPU it took 147 s of the demo's 150)."""
