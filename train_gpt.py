@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
 
@@ -29,12 +30,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ----------------------------------------------------------------------------- hyperparameters
 
 
+def int_list(s: str) -> list[int]:
+    return [int(i) for i in s.split(",") if i]
+
+
 class Hyperparameters:
     """Every setting comes from an environment variable of the upper-case name, with the default shown."""
 
     def __init__(self, env=os.environ):
         def get(name, default, cast=str):
-            return cast(env.get(name.upper(), default))
+            value = env.get(name.upper(), default)
+            try:
+                return cast(value)
+            except ValueError:
+                raise ValueError(f"{name.upper()}={value!r} is not a valid {cast.__name__}") from None
 
         self.data_path = get("data_path", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = get("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
@@ -55,7 +64,7 @@ class Hyperparameters:
         self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
         self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
         # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
-        self.ssm_layers = get("ssm_layers", "0", lambda s: [int(i) for i in s.split(",") if i])
+        self.ssm_layers = get("ssm_layers", "0", int_list)
         self.ssm_state = get("ssm_state", 4, int)
         self.ssm_conv = get("ssm_conv", 4, int)
         self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
@@ -108,6 +117,46 @@ class Hyperparameters:
     @property
     def val_files(self):
         return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    @property
+    def log_path(self):
+        return f"logs/{self.run_id}.txt"
+
+    def check(self, world: int = 1, rank: int = 0):
+        """Refuse, before anything runs, settings no run can finish with, naming each variable and its value.
+        GRAD_ACCUM_STEPS=0 becomes 8 // world."""
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
+                     "iterations", "train_log_every", "eval_seq_len"):
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        if self.grad_accum_steps <= 0:
+            need(8 % world == 0, f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS")
+            self.grad_accum_steps = 8 // world
+        need(self.train_batch_tokens % (world * self.grad_accum_steps * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must split into {world} ranks x {self.grad_accum_steps} "
+             f"micro-steps of whole TRAIN_SEQ_LEN={self.train_seq_len} sequences")
+        need(self.eval_mode in ("flat", "sliding", "stateful"),
+             f"EVAL_MODE={self.eval_mode}: expected flat, sliding or stateful")
+        need(self.eval_mode != "sliding" or 0 < self.eval_stride < self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} must be between 0 and EVAL_SEQ_LEN={self.eval_seq_len} (exclusive)")
+        need(self.ttt_epochs <= 0 or self.eval_mode != "stateful", f"TTT_EPOCHS={self.ttt_epochs} scores flat or "
+             "sliding windows, not EVAL_MODE=stateful: set EVAL_MODE=flat or sliding, or TTT_EPOCHS=0")
+        if self.ttt_epochs > 0:
+            ttt_chunks(0, self.eval_seq_len, 0, self.ttt_chunk_tokens, world)  # checks the chunk size
+        need(2 <= self.mixer_bits <= 8 and 2 <= self.mlp_bits <= 8,
+             f"MIXER_BITS={self.mixer_bits} and MLP_BITS={self.mlp_bits} must be between 2 and 8")
+        if rank == 0:  # the rank that writes the log and the artifact
+            need(not os.path.exists(self.log_path), f"RUN_ID={self.run_id!r}: {self.log_path} exists and a log "
+                 "holds one run; choose another RUN_ID or delete the log")
+            folder = os.path.dirname(self.artifact_path) or "."
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise ValueError(f"ARTIFACT_PATH={self.artifact_path!r}: cannot write a file in {folder}: "
+                                 f"{e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -365,7 +414,7 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
     count = int(header[2])
     if size != 4 * HEADER_INTS + 2 * count:
         raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), file has {size} bytes")
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=4 * HEADER_INTS)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))  # read when used
     if count and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
     return tokens
@@ -378,8 +427,12 @@ def shard_paths(pattern: str) -> list[str]:
     return paths
 
 
-def load_validation_tokens(pattern: str, vocab_size: int) -> Tensor:
-    return torch.from_numpy(np.concatenate([load_shard(p, vocab_size) for p in shard_paths(pattern)]).astype(np.int64))
+def load_validation_tokens(pattern: str, vocab_size: int, seq_len: int) -> Tensor:
+    tokens = np.concatenate([load_shard(p, vocab_size) for p in shard_paths(pattern)]).astype(np.int64)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{pattern}: {len(tokens)} validation tokens, fewer than one window of "
+                         f"EVAL_SEQ_LEN + 1 = {seq_len + 1}")
+    return torch.from_numpy(tokens)
 
 
 class TokenLoader:
@@ -1024,14 +1077,19 @@ def _add_outer(H: Tensor, x: Tensor):
     H.addmm_(x.T, x)
 
 
+def gptq_layers(model: nn.Module) -> dict[str, CastedLinear]:
+    """The linear layers whose weights are exported as block matrices, by the names of those weights."""
+    return {name + ".weight": m for name, m in model.named_modules()
+            if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) != "fp16"}
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
     """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as a block matrix, over the batches."""
     hessians, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, CastedLinear) and export_kind(name + ".weight", m.weight) in ("mixer", "mlp"):
-            H = hessians[name + ".weight"] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
-            hooks.append(m.register_forward_pre_hook(lambda _, inp, H=H: _add_outer(H, inp[0])))
+    for name, m in gptq_layers(model).items():
+        H = hessians[name] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+        hooks.append(m.register_forward_pre_hook(lambda _, inp, H=H: _add_outer(H, inp[0])))
     for x in batches:
         model(x)
     for hook in hooks:
@@ -1162,6 +1220,7 @@ def main():
     args = Hyperparameters()
     distributed = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    args.check(world, rank)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1169,32 +1228,34 @@ def main():
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     master = rank == 0
-    if args.grad_accum_steps <= 0:
-        if 8 % world:
-            raise ValueError(f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS")
-        args.grad_accum_steps = 8 // world
-    local_tokens, rem = divmod(args.train_batch_tokens, world * args.grad_accum_steps)
-    if rem or local_tokens % args.train_seq_len:
-        raise ValueError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {world} ranks x "
-                         f"{args.grad_accum_steps} micro-steps of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences")
-
-    if args.eval_mode not in ("flat", "sliding", "stateful"):
-        raise ValueError(f"EVAL_MODE={args.eval_mode}: expected flat, sliding or stateful")
-    if args.eval_mode == "sliding" and not 0 < args.eval_stride < args.eval_seq_len:
-        raise ValueError(f"EVAL_STRIDE={args.eval_stride} must be between 0 and EVAL_SEQ_LEN={args.eval_seq_len} (exclusive)")
-    if args.ttt_epochs > 0 and args.eval_mode == "stateful":
-        raise ValueError("TTT_EPOCHS > 0 scores flat or sliding windows: set EVAL_MODE=flat or sliding, or TTT_EPOCHS=0")
-    if not 2 <= args.mixer_bits <= 8 or not 2 <= args.mlp_bits <= 8:
-        raise ValueError(f"MIXER_BITS={args.mixer_bits} and MLP_BITS={args.mlp_bits} must be between 2 and 8")
+    local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
     bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
+
+    # The data and the model are checked before the log is opened: a refused run leaves none.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = byte_luts(sp, device)
+    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
+    for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when the loader reaches it
+        load_shard(path, args.vocab_size)
+    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
+    model = GPT(args, scan_fn, conv_fn).to(device)
+
     os.makedirs("logs", exist_ok=True)
-    log_path = f"logs/{args.run_id}.txt"
 
     def log0(msg: str):
         if master:
             print(msg, flush=True)
-            with open(log_path, "a") as f:
+            with open(args.log_path, "a") as f:
                 f.write(msg + "\n")
+
+    def fail(msg: str, artifact: bool = False):  # the reason ends the log; no score is logged, no artifact left
+        if master and artifact:
+            os.remove(args.artifact_path)
+        log0(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
+        sys.exit(1)
 
     code = open(__file__, "rb").read()
     log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
@@ -1202,21 +1263,9 @@ def main():
     log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
          f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
     log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size)
-    if args.ttt_epochs > 0:  # refuse a bad chunk size now rather than after training
-        ttt_chunks(val_tokens.numel() - 1, args.eval_seq_len, 0, args.ttt_chunk_tokens, world)
     log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
          f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
-
-    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
     log0(f"backends: {backends}")
-    model = GPT(args, scan_fn, conv_fn).to(device)
     log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
     train_model = compiled
@@ -1270,8 +1319,10 @@ def main():
         return hessians
 
     # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
-    # calibration batch now (after a first, loading call) and end training early enough for all of them.
-    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if args.gptq_calib_tokens > 0 else 0
+    # calibration batch now (after a first, loading call) and end training early enough for all of them. None
+    # when no matrix is large enough to be calibrated.
+    calib = args.gptq_calib_tokens > 0 and gptq_layers(model)
+    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if calib else 0
     calib_reserve_ms = 0.0
     if calib_batches:
         probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]
@@ -1301,10 +1352,16 @@ def main():
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
         sync()
-        elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), device=device, dtype=torch.float64)
+        # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
+        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=device, dtype=torch.float64)
+        clock[1] = loss.isfinite().logical_not()
         if distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        train_ms = elapsed.item()
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        train_ms, diverged = clock.tolist()
+        if diverged:
+            fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates too "
+                 f"high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} TIED_EMBED_LR={args.tied_embed_lr} "
+                 f"SSM_LR={args.ssm_lr})")
         step_avg = train_ms / step
         stop = step >= args.iterations or (
             args.max_wallclock_seconds > 0 and train_ms + step_avg + calib_reserve_ms > 1000 * args.max_wallclock_seconds)
@@ -1336,6 +1393,8 @@ def main():
             log0(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - 1000 * args.max_wallclock_seconds:.0f}ms")
     t = time.perf_counter()
     vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+    if not math.isfinite(vl):
+        fail(f"the EMA weights' pre-export val_loss is {vl}, not finite")
     log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
 
     t = time.perf_counter()
@@ -1370,10 +1429,14 @@ def main():
             vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
         else:
             vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, strides[mode], val_batch_seqs, rank, world)
+        if not math.isfinite(vl):
+            fail(f"the reloaded artifact's {mode} val_loss is {vl}, not finite", artifact=True)
         log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     if args.ttt_epochs > 0:
         t = time.perf_counter()
         vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, strides[args.eval_mode], val_batch_seqs, args, rank, world)
+        if not math.isfinite(vl):
+            fail(f"the val_loss after test-time training is {vl}, not finite (TTT_LR={args.ttt_lr})", artifact=True)
         log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if distributed:

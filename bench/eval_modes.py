@@ -31,7 +31,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     luts = tg.byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), device)
-    val = tg.load_validation_tokens(args.val_files, args.vocab_size)
+    val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     scan, conv, desc = tg.resolve_backends(args.scan_impl, args.conv_impl, device)
     model = tg.GPT(args, scan, conv).to(device)
     weights = tg.deserialize(open(a.artifact, "rb").read())

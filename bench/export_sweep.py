@@ -70,7 +70,7 @@ def main():
     scorer = captured.get("compiled", model)
     device = next(model.parameters()).device
     luts = tg.byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), device)
-    val = tg.load_validation_tokens(args.val_files, args.vocab_size)
+    val = tg.load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
     batch = max(1, args.val_batch_tokens // args.eval_seq_len)
     state, hessians = captured["export"]
     code_bytes = os.path.getsize(tg.__file__)

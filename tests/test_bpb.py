@@ -61,7 +61,7 @@ def test_evaluate_is_exact_on_a_known_model(dataset):
     data, tokenizer = dataset
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     luts = tg.byte_luts(sp, "cpu")
-    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 256)
     n_bytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
     scorers = [lambda: tg.evaluate(Uniform(), val, luts, seq_len=256, stride=stride, batch_seqs=7, rank=0, world=1)
                for stride in (0, 64)] + [lambda: tg.evaluate_stateful(Uniform(), val, luts, seq_len=256, lanes=5, rank=0, world=1)]
@@ -84,7 +84,7 @@ def test_stream_spans_score_every_position_once_after_full_context(n, seq_len, s
 def test_stateful_scorer_equals_sliding_and_flat_when_one_window_covers_the_split(dataset):
     data, tokenizer = dataset
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
-    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)[:301]
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 512)[:301]
     torch.manual_seed(0)
     model = tg.GPT(small_args(mlp_mult=3))
     torch.nn.init.normal_(model.tok_emb.weight, std=0.5)  # logits far from uniform
@@ -146,7 +146,7 @@ def test_ttt_trains_on_each_chunk_only_after_scoring_it(dataset):
 def test_ttt_without_learning_scores_like_the_plain_evaluation(dataset, stride):
     data, tokenizer = dataset
     luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
-    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024)[:1001]
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 64)[:1001]
     args = ttt_args(ttt_lr=0.0)
     torch.manual_seed(0)
     model = tg.GPT(args)

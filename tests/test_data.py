@@ -52,6 +52,14 @@ def test_token_out_of_vocabulary(tmp_path):
     assert len(tg.load_shard(path, 2048)) == 4
 
 
+def test_validation_split_must_hold_one_window(tmp_path):
+    shard(tmp_path, np.arange(100), "fineweb_val_000000.bin")
+    pattern = str(tmp_path / "fineweb_val_*.bin")
+    with pytest.raises(ValueError, match=r"100 validation tokens, fewer than one window of EVAL_SEQ_LEN \+ 1 = 129"):
+        tg.load_validation_tokens(pattern, 1024, 128)
+    assert len(tg.load_validation_tokens(pattern, 1024, 99)) == 100
+
+
 def test_no_shards_match(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards match .*nothing_\\*.bin"):
         tg.shard_paths(str(tmp_path / "nothing_*.bin"))

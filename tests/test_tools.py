@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import demo
 import plot
 import summarize
 from helpers import ROOT, TINY_ENV, run_script, small_args, tg
@@ -84,6 +85,34 @@ def test_refusals(logs, tmp_path):
     refused(logs[:2] + [edited(logs[2], tmp_path, "slow.txt", r"^training: 3 steps in \d+ms", "training: 3 steps in 600500ms")],
             "trained 600.5s, over 600s")
     refused([logs[0], logs[0]], "repeated seeds")
+    twice = tmp_path / "twice.txt"
+    twice.write_text(open(logs[0]).read() + open(logs[0]).read())  # a RUN_ID used again, when logs were appended
+    refused([str(twice)] + logs[1:], f"{twice}: 2 runs in one log")
+    nan = edited(logs[2], tmp_path, "nan.txt", r"^(final_int8_zlib_roundtrip_exact) .*", r"\1 val_loss:nan val_bpb:nan")
+    refused(logs[:2] + [nan], f"{nan}: a loss or score that is not finite: 'final_int8_zlib_roundtrip_exact val_loss:")
+
+
+def demo_log(steps, val_loss):
+    return (f"training: {steps} steps in 150000ms, step_avg:1.00ms\n"
+            f"Total submission size int6: 123456 bytes (code 1 + model 2; cap 16000000)\n"
+            f"final_int8_zlib_roundtrip_exact val_loss:{val_loss} val_bpb:1.5\n")
+
+
+def test_demo_prints_no_result_of_a_model_that_did_not_learn():
+    assert demo.result(demo_log(500, 5.0)) == (1.5, 123456)
+    for log, reason in ((demo_log(1, 5.0), "1 training steps, fewer than 50"),
+                        (demo_log(500, 7.5), "final val_loss 7.5000 is not below ln(1024) = 6.9315"),
+                        (demo_log(500, "nan"), "final val_loss nan is not below")):
+        with pytest.raises(SystemExit) as e:
+            demo.result(log)
+        assert str(e.value).startswith("demo: no result") and reason in str(e.value), str(e.value)
+
+
+def test_the_demo_model_reserves_no_time_for_calibration():
+    """None of the demo model's matrices is large enough to be calibrated: the script skips GPTQ's calibration and
+    its reserve of training time (on a busy 2-core CPU it took 147 s of the demo's 150)."""
+    assert tg.gptq_layers(tg.GPT(tg.Hyperparameters({k: str(v) for k, v in demo.TINY.items()}))) == {}
+    assert len(tg.gptq_layers(tg.GPT(small_args(model_dim=256)))) == 10
 
 
 def test_statistics_against_hand_computed_values():

@@ -1,9 +1,13 @@
 """The script end to end on a CPU: a short run learns and scores its reloaded artifact; two gloo processes
-reproduce one process with twice the accumulation; an artifact over the cap fails loudly."""
+reproduce one process with twice the accumulation; an artifact over the cap fails loudly; bad settings, bad data and
+a diverging run end early with the reason, and leave no score or artifact."""
 import math
 import os
 import re
+import shutil
 
+import build_shards
+import numpy as np
 import pytest
 
 import train_gpt as tg
@@ -13,6 +17,17 @@ from helpers import TINY_ENV, run_script
 def env_for(dataset, run_id, **kw):
     data, tokenizer = dataset
     return {**TINY_ENV, "DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": run_id, **{k: str(v) for k, v in kw.items()}}
+
+
+def main_exit_code(env, cwd, monkeypatch):
+    """train_gpt.main() in this process (no interpreter start-up), in cwd: the code it exits with."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as e:
+        tg.main()
+    return e.value.code
 
 
 def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
@@ -33,6 +48,7 @@ def test_short_run_learns_and_scores_the_reloaded_artifact(dataset, tmp_path):
     total = int(re.search(r"Total submission size int6: (\d+) bytes", log).group(1))
     assert total == size + os.path.getsize(tg.__file__)
     assert "backends: scan:torch" in log and "hyperparameters: {" in log
+    assert "gptq:" not in log  # no matrix of this model is large enough to calibrate: no time reserved for it
 
 
 def test_partial_hybrid_learns_and_scores(dataset, tmp_path):
@@ -78,14 +94,8 @@ def test_two_processes_match_one_with_twice_the_accumulation(dataset, tmp_path):
 
 
 def test_over_the_cap_exits_non_zero(dataset, tmp_path, monkeypatch):
-    for k, v in env_for(dataset, "cap", ITERATIONS=1, WARMUP_STEPS=0).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tg, "SIZE_CAP_BYTES", 1000)
-    with pytest.raises(SystemExit) as e:
-        tg.main()
-    assert e.value.code == 3
+    assert main_exit_code(env_for(dataset, "cap", ITERATIONS=1, WARMUP_STEPS=0), tmp_path, monkeypatch) == 3
     log = (tmp_path / "logs" / "cap.txt").read_text()
     assert re.search(r"ERROR: submission is \d+ bytes over the 1000-byte cap", log)
     assert "final_int8_zlib_roundtrip_exact" in log  # the score is still reported
@@ -100,13 +110,82 @@ def test_stateful_scoring_end_to_end(dataset, tmp_path):
     assert final == stateful and abs(stateful - flat) < 0.1
 
 
-def test_bad_eval_settings_are_refused(dataset, tmp_path):
-    for env, message in (({"EVAL_MODE": "best"}, "EVAL_MODE=best: expected flat, sliding or stateful"),
-                         ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128"),
-                         ({"EVAL_MODE": "stateful", "TTT_EPOCHS": "1"}, "TTT_EPOCHS > 0 scores flat or sliding windows"),
-                         ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a positive multiple")):
-        result = run_script(str(tmp_path), env_for(dataset, "bad", ITERATIONS=1, **env), check=False)
-        assert result.returncode != 0 and message in result.stderr
+@pytest.mark.parametrize("env,world,message", [
+    ({"NUM_LAYERS": "abc"}, 1, "NUM_LAYERS='abc' is not a valid int"),
+    ({"MATRIX_LR": "fast"}, 1, "MATRIX_LR='fast' is not a valid float"),
+    ({"SSM_LAYERS": "0,x"}, 1, "SSM_LAYERS='0,x' is not a valid int_list"),
+    ({"ITERATIONS": "0"}, 1, "ITERATIONS=0 must be positive"),
+    ({}, 3, "WORLD_SIZE=3 does not divide 8; set GRAD_ACCUM_STEPS"),
+    ({"TRAIN_BATCH_TOKENS": "3000"}, 1, "TRAIN_BATCH_TOKENS=3000 must split into 1 ranks x 8 micro-steps"),
+    ({"EVAL_MODE": "best"}, 1, "EVAL_MODE=best: expected flat, sliding or stateful"),
+    ({"EVAL_MODE": "sliding", "EVAL_STRIDE": "0"}, 1, "EVAL_STRIDE=0 must be between 0 and EVAL_SEQ_LEN=128"),
+    ({"EVAL_MODE": "stateful", "TTT_EPOCHS": "1"}, 1, "TTT_EPOCHS=1 scores flat or sliding windows"),
+    ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "1000"}, 1, "TTT_CHUNK_TOKENS=1000 must be a positive multiple"),
+    ({"MIXER_BITS": "9"}, 1, "MIXER_BITS=9 and MLP_BITS=6 must be between 2 and 8"),
+    ({"ARTIFACT_PATH": "missing/model.ptz"}, 1, "ARTIFACT_PATH='missing/model.ptz': cannot write a file in missing"),
+    ({"RUN_ID": "done"}, 1, "RUN_ID='done': logs/done.txt exists and a log holds one run; choose another RUN_ID"),
+])
+def test_bad_settings_are_refused_naming_the_variable_and_its_value(tmp_path, monkeypatch, env, world, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "done.txt").write_text("code: a finished run\n")
+    tg.Hyperparameters({**TINY_ENV, "RUN_ID": "new"}).check()  # the settings changed below pass
+    with pytest.raises(ValueError) as e:
+        tg.Hyperparameters({**TINY_ENV, "RUN_ID": "new", **env}).check(world)
+    assert message in str(e.value)
+
+
+def test_the_script_refuses_before_anything_runs(dataset, tmp_path):
+    result = run_script(str(tmp_path), env_for(dataset, "bad", NUM_LAYERS="abc"), check=False)
+    assert result.returncode == 1 and "NUM_LAYERS='abc' is not a valid int" in result.stderr
+    assert not os.listdir(tmp_path)  # no log, no artifact
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: os.truncate(p, 1100), "header says 3000 tokens (7024 bytes), file has 1100 bytes"),
+    (lambda p: build_shards.write_shard(p, np.array([1, 2, 1024, 3])), "token id 1024 >= VOCAB_SIZE=1024"),
+])
+def test_every_train_shard_is_checked_before_training(dataset, tmp_path, monkeypatch, damage, message):
+    """A bad second shard is refused before the first step, although one step reads only the first shard."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        shutil.copy(os.path.join(dataset[0], name), data)
+    second = str(data / "fineweb_train_000001.bin")
+    build_shards.write_shard(second, np.arange(3000))
+    damage(second)
+    with pytest.raises(ValueError) as e:
+        main_exit_code({**env_for(dataset, "shards", ITERATIONS=1), "DATA_PATH": str(data)}, tmp_path, monkeypatch)
+    assert second in str(e.value) and message in str(e.value)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_diverging_training_stops_at_once(dataset, tmp_path, monkeypatch):
+    lrs = {k: "1e6" for k in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "SSM_LR")}
+    assert main_exit_code(env_for(dataset, "nan", ITERATIONS=20, TTT_EPOCHS=0, **lrs), tmp_path, monkeypatch) == 1
+    log = (tmp_path / "logs" / "nan.txt").read_text()
+    assert log.splitlines()[-1] == ("ERROR: train_loss at step 2 is not finite: training diverged, most likely from "
+                                    "learning rates too high (MATRIX_LR=1000000.0 SCALAR_LR=1000000.0 "
+                                    "TIED_EMBED_LR=1000000.0 SSM_LR=1000000.0); no artifact written")
+    assert "val_bpb" not in log and os.listdir(tmp_path) == ["logs"]
+
+
+@pytest.mark.parametrize("bad_call", [1, 2])  # the pre-export score; the reloaded artifact's
+def test_a_score_that_is_not_finite_ends_the_run(dataset, tmp_path, monkeypatch, bad_call):
+    calls = []
+
+    def evaluate(*a, **kw):
+        calls.append(1)
+        return (math.nan, math.nan) if len(calls) == bad_call else tg_evaluate(*a, **kw)
+
+    tg_evaluate = tg.evaluate
+    monkeypatch.setattr(tg, "evaluate", evaluate)
+    assert main_exit_code(env_for(dataset, "score", ITERATIONS=1, TTT_EPOCHS=0), tmp_path, monkeypatch) == 1
+    last = (tmp_path / "logs" / "score.txt").read_text().splitlines()[-1]
+    assert last == ("ERROR: the EMA weights' pre-export val_loss is nan, not finite; no artifact written"
+                    if bad_call == 1 else
+                    "ERROR: the reloaded artifact's flat val_loss is nan, not finite; the artifact is removed")
+    assert os.listdir(tmp_path) == ["logs"]
 
 
 def test_training_ends_early_enough_for_the_gptq_calibration(dataset, tmp_path):

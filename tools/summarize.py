@@ -3,9 +3,10 @@
     python3 tools/summarize.py logs/p1_seed*.txt --reference 2.3901 2.3925 2.3910 [--out submission.json]
 
 Every number comes from the logs. Refused with a clear message: a log without its final score line
-(truncated), logs of different code or settings (only SEED and RUN_ID may differ), a run over the 16,000,000-
-byte cap, training or evaluation over 600 s. --reference takes the val_loss values (nats) of the score to beat;
-the test is one-sided Welch: is our mean below the reference mean by at least --margin nats (0.005)?
+(truncated), a log of more than one run, a loss or score that is not finite, logs of different code or settings
+(only SEED and RUN_ID may differ), a run over the 16,000,000-byte cap, training or evaluation over 600 s.
+--reference takes the val_loss values (nats) of the score to beat; the test is one-sided Welch: is our mean below
+the reference mean by at least --margin nats (0.005)?
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def parse_log(path: str) -> dict:
             return None
         return cast(m.group(1)) if m.re.groups == 1 else tuple(cast(g) for g in m.groups())
 
+    runs = len(re.findall(r"^code: ", text, re.M))
+    if runs > 1:
+        raise LogError(f"{path}: {runs} runs in one log ('code:' lines); a log must hold one run")
+    nonfinite = re.search(r"^.*(?:loss|bpb):[-+]?(?:nan|inf)\b.*$", text, re.M)
+    if nonfinite:
+        raise LogError(f"{path}: a loss or score that is not finite: {nonfinite.group(0)!r}")
     final = find(r"^final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", float)
     steps, train_ms = find(r"^training: (\d+) steps in (\d+)ms", float)
     hyper = json.loads(find(r"^hyperparameters: (\{.*\})$"))
