@@ -17,8 +17,10 @@ OFFICIAL_TOKENIZER = os.path.join(SHARED, "tokenizers", "fineweb_1024_bpe.model"
 # build it from the same ones (small_args). Two layers, both hybrid (the design's every-block Hymba).
 TINY_MODEL = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", SSM_DT_RANK="8",
                   SSM_LAYERS="0,1")
+# GPTQ's calibration reads 16 micro-batches instead of the default 2,048 (the tiny model's matrices are all under
+# GPTQ's size, so those forwards found nothing to calibrate; tests of GPTQ set their own)
 TINY_ENV = dict(TINY_MODEL, TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1",
-                EVAL_MODE="flat", VAL_BATCH_TOKENS="8192", COMPILE="0", MAX_WALLCLOCK_SECONDS="0")
+                EVAL_MODE="flat", VAL_BATCH_TOKENS="8192", COMPILE="0", MAX_WALLCLOCK_SECONDS="0", GPTQ_CALIB_TOKENS="4096")
 
 
 def small_args(**kw):
