@@ -88,7 +88,7 @@ def test_refusals(logs, tmp_path):
 
 
 def test_check_compares_each_logs_code_with_the_script(logs, tmp_path):
-    """summarize.py --check: logs of today's train_gpt.py pass (named or in a folder); a copy whose code sha256 is
+    """summarize.py --check: logs of the current train_gpt.py pass (named or in a folder); a copy whose code sha256 is
     edited fails with exit status 1, naming that log; --script changes what the logs are compared with."""
     folder = tmp_path / "logs"
     folder.mkdir()

@@ -1,7 +1,7 @@
 """Logs of train_gpt.py -> submission.json in the records' format, with mean ± std and a significance test.
 
     python3 tools/summarize.py logs/p1/defaults_ttt_4fba588_seed*.txt --reference 2.3557 2.3592 [--out submission.json]
-    python3 tools/summarize.py --check LOG_OR_FOLDER ...    # did every log run today's train_gpt.py?
+    python3 tools/summarize.py --check LOG_OR_FOLDER ...    # did every log run this train_gpt.py?
 
 Every number comes from the logs. Refused with a clear message: a log without its final score line
 (truncated), logs of different code or settings (only SEED and RUN_ID may differ), a run over the 16,000,000-
