@@ -11,9 +11,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (run on the GPU machine with `pytest -m gpu`)")
 
 
-@pytest.fixture(scope="session")
+_built = {}
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """(data folder, tokenizer path): stdlib-docstring shards shared by the tests that train."""
+    """(data folder, tokenizer path): stdlib-docstring shards shared by the tests that train, built once per run."""
     from helpers import make_dataset
 
-    return make_dataset(str(tmp_path_factory.mktemp("dataset")))
+    if "dataset" not in _built:
+        _built["dataset"] = make_dataset(str(tmp_path_factory.mktemp("dataset")))
+    return _built["dataset"]

@@ -1,4 +1,5 @@
 """Tokenizer-agnostic scoring: byte accounting and the windows that score every token exactly once."""
+import functools
 import json
 import lzma
 import math
@@ -63,12 +64,14 @@ def test_evaluate_is_exact_on_a_known_model(dataset):
     luts = tg.byte_luts(sp, "cpu")
     val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 256)
     n_bytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
-    scorers = [lambda: tg.evaluate(Uniform(), val, luts, seq_len=256, stride=stride, batch_seqs=7, rank=0, world=1)
-               for stride in (0, 64)] + [lambda: tg.evaluate_stateful(Uniform(), val, luts, seq_len=256, lanes=5, rank=0, world=1)]
-    for score in scorers:
+    # each scorer binds its own stride (a lambda in the comprehension would read the last one, 64, for both)
+    scorers = {f"stride {stride}": functools.partial(tg.evaluate, Uniform(), val, luts, seq_len=256, stride=stride,
+                                                     batch_seqs=7, rank=0, world=1) for stride in (0, 64)}
+    scorers["stateful"] = functools.partial(tg.evaluate_stateful, Uniform(), val, luts, seq_len=256, lanes=5, rank=0, world=1)
+    for name, score in scorers.items():
         loss, bpb = score()
-        assert loss == pytest.approx(math.log(1024), rel=1e-7)  # fp32 cross-entropy
-        assert bpb == pytest.approx((val.numel() - 1) * 10 / n_bytes, rel=1e-7)
+        assert loss == pytest.approx(math.log(1024), rel=1e-7), name  # fp32 cross-entropy
+        assert bpb == pytest.approx((val.numel() - 1) * 10 / n_bytes, rel=1e-7), name
 
 
 @pytest.mark.parametrize("n,seq_len,streams", [(1000, 64, 7), (1000, 64, 1), (50, 64, 4), (64, 64, 3), (10_000, 256, 40)])

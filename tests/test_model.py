@@ -156,7 +156,7 @@ def test_export_over_budget_zeroes_the_cheapest_unit_entries_until_it_fits():
 
 def test_fullgraph_compile_matches_eager():
     torch.manual_seed(0)
-    model = tg.GPT(small_args(num_layers=1))
+    model = tg.GPT(small_args(num_layers=1, ssm_layers=[0]))
     unzero_output_projections(model, std=0.05)
     x = torch.randint(0, 1024, (2, 48))
     grads = []
@@ -197,7 +197,7 @@ def test_windows_with_carried_state_equal_one_long_forward(monkeypatch, ssm_laye
 
 def test_attention_runs_in_bf16_under_autocast(monkeypatch):
     """As on the GPU: under bf16 autocast q, k and v reach attention in bf16 (a fp32 gain must not promote q)."""
-    model = tg.GPT(small_args(num_layers=1))
+    model = tg.GPT(small_args(num_layers=1, ssm_layers=[0]))
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
@@ -229,7 +229,7 @@ def test_value_embeddings_are_added_to_the_last_layers_values():
     """Each of the last VALUE_EMBED_LAYERS mixers gets gain * value_proj(value_embed(idx)), the others nothing,
     and a mixer adds it to its values exactly as if in_proj's V had it (not to the queries, keys or SSM input)."""
     torch.manual_seed(0)
-    args = small_args(num_layers=3, value_embed_layers=2)
+    args = small_args(num_layers=3, ssm_layers=[0, 1, 2], value_embed_layers=2)
     model = tg.GPT(args).double()
     unzero_output_projections(model, std=0.05)
     with torch.no_grad():
@@ -330,7 +330,7 @@ def test_gptq_on_a_stack_equals_gptq_on_each_matrix():
 
 def test_layer_i_reads_its_normalised_input_scaled_by_one_over_sqrt_i_plus_1():
     torch.manual_seed(0)
-    model = tg.GPT(small_args(num_layers=3))
+    model = tg.GPT(small_args(num_layers=3, ssm_layers=[0, 1, 2]))
     rms = {}
     for i, block in enumerate(model.blocks):
         for part in (block.mixer, block.mlp):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,30 @@ def test_the_demo_model_reserves_no_time_for_calibration():
     its reserve of training time (on a busy 2-core CPU it took 147 s of the demo's 150)."""
     assert tg.gptq_layers(tg.GPT(tg.Hyperparameters({k: str(v) for k, v in demo.TINY.items()}))) == {}
     assert len(tg.gptq_layers(tg.GPT(small_args(model_dim=256)))) == 10
+
+
+def test_check_compares_each_logs_code_with_the_script(logs, tmp_path):
+    """summarize.py --check: logs of the current train_gpt.py pass (named or in a folder); a copy whose code sha256 is
+    edited fails with exit status 1, naming that log; --script changes what the logs are compared with."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for p in logs:
+        shutil.copy(p, folder)
+
+    def check(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "summarize.py"), "--check", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    ok = check(str(folder))
+    assert ok.returncode == 0 and "ok: 3 logs ran" in ok.stdout, ok.stderr
+    other = edited(logs[1], folder, "other.txt", r"^(code: .* sha256:)\w+$", r"\g<1>" + "0" * 64)
+    for args in ((str(folder),), (logs[0], other)):
+        bad = check(*args)
+        assert bad.returncode == 1 and "check failed" in bad.stderr and "other.txt: ran code sha256:0000" in bad.stderr
+        assert "seed1337.txt" not in bad.stderr  # only the edited log is named
+    script = tmp_path / "train_gpt.py"
+    script.write_text("print()\n")
+    assert check("--script", str(script), logs[0]).returncode == 1
 
 
 def test_statistics_against_hand_computed_values():

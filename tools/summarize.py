@@ -1,24 +1,30 @@
 """Logs of train_gpt.py -> submission.json in the records' format, with mean ± std and a significance test.
 
-    python3 tools/summarize.py logs/p1_seed*.txt --reference 2.3901 2.3925 2.3910 [--out submission.json]
+    python3 tools/summarize.py logs/p1/defaults_ttt_4fba588_seed*.txt --reference 2.3557 2.3592 [--out submission.json]
+    python3 tools/summarize.py --check LOG_OR_FOLDER ...    # did every log run this train_gpt.py?
 
 Every number comes from the logs. Refused with a clear message: a log without its final score line
 (truncated), a log of more than one run, a loss or score that is not finite, logs of different code or settings
 (only SEED and RUN_ID may differ), a run over the 16,000,000-byte cap, training or evaluation over 600 s.
 --reference takes the val_loss values (nats) of the score to beat; the test is one-sided Welch: is our mean below
 the reference mean by at least --margin nats (0.005)?
+--check writes nothing: it exits 1, naming each log, when a log's `code: ... sha256:` line is not the sha256 of
+--script (train_gpt.py beside tools/), so a submission folder's logs can be checked against its script in one step.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import sys
 
 SIZE_CAP, TIME_CAP_S = 16_000_000, 600.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_RUN_KEYS = ("seed", "run_id")
 
 
@@ -174,6 +180,42 @@ def summarize(runs: list[dict], reference: list[float] | None, margin: float, me
     return summary
 
 
+def describe(summary: dict, runs: list[dict], code_commit: str, protocol: str, reference_name: str) -> dict:
+    """The summary with what it stands for: the code its logs ran (sha256 read from them, the commit as given), the
+    logs, how they ran, and what its significance test compares with."""
+    summary |= {"code_commit": code_commit, "code_sha256": runs[0]["code_sha256"], "protocol": protocol,
+                "logs": [r["path"] for r in runs]}
+    if reference_name and "significance" in summary:
+        summary["significance"] = {"reference": reference_name, **summary["significance"]}
+    return summary
+
+
+def log_files(paths: list[str]) -> list[str]:
+    """The files named, and every .txt or .log file under a folder named."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(d, f) for d, _, names in os.walk(p) for f in names if f.endswith((".txt", ".log")))
+        else:
+            files.append(p)
+    return files
+
+
+def check_code(paths: list[str], script: str) -> tuple[list[str], list[str]]:
+    """(logs checked, problems): each log's `code: NAME BYTES bytes sha256:HEX` line against script's sha256."""
+    want = hashlib.sha256(open(script, "rb").read()).hexdigest()
+    files, problems = log_files(paths), []
+    if not files:
+        problems.append(f"no logs in {' '.join(paths)}")
+    for path in files:
+        m = re.search(r"^code: \S+ \d+ bytes sha256:(\w+)$", open(path, encoding="utf-8", errors="replace").read(), re.M)
+        if m is None:
+            problems.append(f"{path}: no 'code: ... sha256:' line, not a train_gpt.py log")
+        elif m.group(1) != want:
+            problems.append(f"{path}: ran code sha256:{m.group(1)[:16]}..., {script} is sha256:{want[:16]}...")
+    return files, problems
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+")
@@ -185,13 +227,27 @@ def main(argv=None):
     p.add_argument("--name", default="Hymba")
     p.add_argument("--blurb", default="")
     p.add_argument("--technique-summary", default="")
+    p.add_argument("--date", default=None, help="the runs' date (default: today)")
+    p.add_argument("--code-commit", default="", help="the commit whose train_gpt.py the logs ran (their sha256 is read)")
+    p.add_argument("--protocol", default="", help="how the runs were made (hardware, data, settings)")
+    p.add_argument("--reference-name", default="", help="what the --reference values are")
+    p.add_argument("--check", action="store_true", help="only check that every log ran --script's code")
+    p.add_argument("--script", default=os.path.join(ROOT, "train_gpt.py"), help="the code --check compares with")
     a = p.parse_args(argv)
+    if a.check:
+        files, problems = check_code(a.logs, a.script)
+        if problems:
+            sys.exit("check failed:\n  " + "\n  ".join(problems))
+        print(f"ok: {len(files)} logs ran {a.script}")
+        return
     meta = {"author": a.author, "github_id": a.github_id, "name": a.name, "blurb": a.blurb,
-            "date": datetime.date.today().isoformat(), "technique_summary": a.technique_summary}
+            "date": a.date or datetime.date.today().isoformat(), "technique_summary": a.technique_summary}
     try:
-        summary = summarize([parse_log(path) for path in a.logs], a.reference, a.margin, meta)
+        runs = [parse_log(path) for path in a.logs]
+        summary = summarize(runs, a.reference, a.margin, meta)
     except LogError as e:
         sys.exit(f"refused: {e}")
+    describe(summary, runs, a.code_commit, a.protocol, a.reference_name)
     with open(a.out, "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
