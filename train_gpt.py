@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ----------------------------------------------------------------------------- hyperparameters
+
+# --- settings
 
 
 def int_list(s: str) -> list[int]:
@@ -159,60 +160,7 @@ class Hyperparameters:
                                  f"{e.strerror}") from None
 
 
-# ----------------------------------------------------------------------------- Muon
-
-
-def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in g (..., rows, cols) with a quintic Newton-Schulz
-    iteration."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
-    Each rank orthogonalises every world_size-th matrix, those of one shape in one batch, and one all-reduce
-    shares the results."""
-
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        for group in self.param_groups:
-            params, momentum = group["params"], group["momentum"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            chunks = flat.split([p.numel() for p in params])
-            by_shape = collections.defaultdict(list)
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    by_shape[p.shape].append(i)
-            for shape, idx in by_shape.items():
-                grads = [params[i].grad for i in idx]
-                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, grads)
-                update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
-                update *= max(1.0, shape[0] / shape[1]) ** 0.5
-                for i, u in zip(idx, update):
-                    chunks[i].copy_(u.flatten())
-            if distributed:
-                dist.all_reduce(flat)
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], alpha=-group["lr"])
-
-
-# ----------------------------------------------------------------------------- tokenizer-agnostic evaluation
+# --- data: tokenizer byte counts, shards, loader
 
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
@@ -247,156 +195,6 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     base, space, boundary = luts
     return base[tgt] + (space[tgt] & ~boundary[prev]).long()
 
-
-def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of windows over n input positions: every position is scored exactly once,
-    each after at least seq_len - stride positions of context (all before it in the first window)."""
-    if stride <= 0 or stride >= seq_len:
-        return [(s, s) for s in range(0, n, seq_len)]
-    windows = [(0, 0)]
-    while windows[-1][0] + seq_len < n:
-        start = windows[-1][0] + stride
-        windows.append((start, start + seq_len - stride))
-    return windows
-
-
-def autocast(device: torch.device):
-    """bf16 on CUDA, full precision elsewhere."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-
-def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
-    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
-    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
-    return _reduce_scores(score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world), world)
-
-
-@torch.no_grad()
-def score_windows(model, val_tokens: Tensor, windows, luts, seq_len: int, batch_seqs: int, rank: int, world: int) -> Tensor:
-    """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
-    per_rank = -(-len(windows) // world)
-    mine = windows[rank * per_rank : (rank + 1) * per_rank]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
-    model.eval()
-    for i in range(0, max(len(mine), 1), batch_seqs):
-        batch = mine[i : i + batch_seqs]
-        x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
-        y = torch.zeros_like(x)
-        scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-        for j, (start, first) in enumerate(batch):
-            end = min(start + seq_len, n)
-            x[j, : end - start] = val_tokens[start:end]
-            y[j, : end - start] = val_tokens[start + 1 : end + 1]
-            scored[j, first - start : end - start] = True
-        sums += _scored_sums(model, x, y, scored, luts)
-    model.train()
-    return sums
-
-
-def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
-    """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
-    if chunk <= 0 or chunk % (seq_len * world):
-        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = {seq_len * world}")
-    chunks = [[] for _ in range(-(-n // chunk))]
-    for start, first in eval_windows(n, seq_len, stride):
-        chunks[first // chunk].append((start, first))
-    return chunks
-
-
-def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, args, rank: int, world: int):
-    """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
-    The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
-    with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
-    steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
-    Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
-    device, chunk = luts[0].device, args.ttt_chunk_tokens
-    chunks = ttt_chunks(val_tokens.numel() - 1, seq_len, stride, chunk, world)
-    batch_seqs = min(batch_seqs, -(-max(map(len, chunks)) // world))
-    seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    for c, windows in enumerate(chunks):
-        sums += score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world)
-        if c == len(chunks) - 1:
-            break
-        lo = c * chunk + rank * seqs * seq_len
-        tokens = val_tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
-        x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
-        opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
-        for _ in range(args.ttt_epochs):
-            with autocast(device):
-                loss = model(x, y)
-            loss.backward()
-            if world > 1:  # one all-reduce for all gradients
-                flat = torch.cat([p.grad.flatten() for p in params])
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad.copy_(g.view_as(p))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return _reduce_scores(sums, world)
-
-
-def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) -> Tensor:
-    """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
-    device = luts[0].device
-    x, y, scored = x.to(device), y.to(device), scored.to(device)
-    with autocast(device):
-        logits = model(x, **kwargs)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
-
-
-def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
-    if world > 1:
-        dist.all_reduce(sums)
-    loss, tokens, nbytes = sums.tolist()
-    return loss / tokens, loss / math.log(2) / nbytes
-
-
-def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
-    """(read_from, score_from, end) of each of `streams` contiguous streams over n positions, each position scored
-    in exactly one. Stream 0 scores from the start; every later one first reads the seq_len positions before its
-    part unscored, as context. All read the same length (seq_len + span), up to the split's end."""
-    span = max(-(-(n - seq_len) // streams), 1)
-    spans = [(0, 0, min(n, seq_len + span))]
-    for i in range(1, streams):
-        start = min(n, seq_len + i * span)
-        spans.append((max(start - seq_len, 0), start, min(n, start + span)))
-    return spans
-
-
-@torch.no_grad()
-def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
-    """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
-    consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, after at least seq_len tokens of attention context (except in the split's first window) and with
-    its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
-    (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
-    spans = stream_spans(n, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    carry = [{} for _ in model.blocks]
-    model.eval()
-    for offset in range(0, max(e - r for r, _, e in spans), seq_len):
-        x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
-        scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
-        for lane, (read_from, score_from, end) in enumerate(spans):
-            lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
-            if hi > lo:
-                x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
-                scored[lane, max(score_from - lo, 0) : hi - lo] = True
-        sums += _scored_sums(model, x, y, scored, luts, carry=carry)
-    model.train()
-    return _reduce_scores(sums, world)
-
-
-# ----------------------------------------------------------------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -462,7 +260,7 @@ class TokenLoader:
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
 
-# ----------------------------------------------------------------------------- selective scan and causal conv
+# --- selective scan and causal conv
 # Mamba-1 recurrence per channel d and state n, with dt = softplus(delta + delta_bias):
 #     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    out_t = y_t silu(z_t)
 # Every backend takes the model's layout, u/delta/z (batch, time, d_inner) and B/C (batch, time, d_state), and
@@ -832,7 +630,7 @@ def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, *state):
     return scan_fn(u, cast(delta), A.float(), cast(B), cast(C), D.float(), cast(z), delta_bias.float(), *state)
 
 
-# ----------------------------------------------------------------------------- model: Hymba block, GPT
+# --- model: Hymba mixer, MLP, block, GPT
 
 
 # The SSM's A/dt path, conv and D skip: Adam at a low LR in training (Muon's orthogonalised, rescaled updates
@@ -1006,12 +804,247 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-# ----------------------------------------------------------------------------- quantization and export
+def autocast(device: torch.device):
+    """bf16 on CUDA, full precision elsewhere."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- optimizers: Muon, Adam, LR schedule
+
+
+def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
+    """Approximate the orthogonal factor U V^T of each matrix in g (..., rows, cols) with a quintic Newton-Schulz
+    iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
+    Each rank orthogonalises every world_size-th matrix, those of one shape in one batch, and one all-reduce
+    shares the results."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params, momentum = group["params"], group["momentum"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            chunks = flat.split([p.numel() for p in params])
+            by_shape = collections.defaultdict(list)
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    by_shape[p.shape].append(i)
+            for shape, idx in by_shape.items():
+                grads = [params[i].grad for i in idx]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
+                update *= max(1.0, shape[0] / shape[1]) ** 0.5
+                for i, u in zip(idx, update):
+                    chunks[i].copy_(u.flatten())
+            if distributed:
+                dist.all_reduce(flat)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], alpha=-group["lr"])
+
+
+def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
+    """Muon for the projection matrices; Adam for the embeddings (token, value), for the SSM's sensitive tensors
+    (at SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
+    named = dict(model.named_parameters())
+    ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
+    ssm_ids = {id(p) for p in ssm}
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
+    embeddings = [model.tok_emb.weight, model.value_embed.weight]
+    seen = ssm_ids | {id(p) for p in matrices + embeddings}
+    others = [p for p in named.values() if id(p) not in seen]
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
+    optimizers = [
+        torch.optim.Adam([{"params": embeddings, "lr": args.tied_embed_lr},
+                          {"params": ssm, "lr": args.ssm_lr}, {"params": others, "lr": args.scalar_lr}], **adam),
+        Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
+    ]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the last warmdown_frac of the run, then a cosine down to 0."""
+    start = 1.0 - warmdown_frac
+    if progress <= start or warmdown_frac <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - start) / warmdown_frac)))
+
+
+# --- evaluation: windows, scoring, stateful, test-time training
+
+
+def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) of windows over n input positions: every position is scored exactly once,
+    each after at least seq_len - stride positions of context (all before it in the first window)."""
+    if stride <= 0 or stride >= seq_len:
+        return [(s, s) for s in range(0, n, seq_len)]
+    windows = [(0, 0)]
+    while windows[-1][0] + seq_len < n:
+        start = windows[-1][0] + stride
+        windows.append((start, start + seq_len - stride))
+    return windows
+
+
+def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) -> Tensor:
+    """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
+    device = luts[0].device
+    x, y, scored = x.to(device), y.to(device), scored.to(device)
+    with autocast(device):
+        logits = model(x, **kwargs)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+
+
+def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
+    if world > 1:
+        dist.all_reduce(sums)
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes
+
+
+@torch.no_grad()
+def score_windows(model, val_tokens: Tensor, windows, luts, seq_len: int, batch_seqs: int, rank: int, world: int) -> Tensor:
+    """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
+    device = luts[0].device
+    n = val_tokens.numel() - 1
+    per_rank = -(-len(windows) // world)
+    mine = windows[rank * per_rank : (rank + 1) * per_rank]
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
+    model.eval()
+    for i in range(0, max(len(mine), 1), batch_seqs):
+        batch = mine[i : i + batch_seqs]
+        x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
+        y = torch.zeros_like(x)
+        scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
+        for j, (start, first) in enumerate(batch):
+            end = min(start + seq_len, n)
+            x[j, : end - start] = val_tokens[start:end]
+            y[j, : end - start] = val_tokens[start + 1 : end + 1]
+            scored[j, first - start : end - start] = True
+        sums += _scored_sums(model, x, y, scored, luts)
+    model.train()
+    return sums
+
+
+def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
+    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
+    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
+    return _reduce_scores(score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world), world)
+
+
+def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
+    """(read_from, score_from, end) of each of `streams` contiguous streams over n positions, each position scored
+    in exactly one. Stream 0 scores from the start; every later one first reads the seq_len positions before its
+    part unscored, as context. All read the same length (seq_len + span), up to the split's end."""
+    span = max(-(-(n - seq_len) // streams), 1)
+    spans = [(0, 0, min(n, seq_len + span))]
+    for i in range(1, streams):
+        start = min(n, seq_len + i * span)
+        spans.append((max(start - seq_len, 0), start, min(n, start + span)))
+    return spans
+
+
+@torch.no_grad()
+def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
+    """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
+    consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
+    token is scored once, after at least seq_len tokens of attention context (except in the split's first window) and with
+    its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
+    (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
+    device = luts[0].device
+    n = val_tokens.numel() - 1
+    spans = stream_spans(n, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    carry = [{} for _ in model.blocks]
+    model.eval()
+    for offset in range(0, max(e - r for r, _, e in spans), seq_len):
+        x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
+        scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
+        for lane, (read_from, score_from, end) in enumerate(spans):
+            lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
+            if hi > lo:
+                x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
+                scored[lane, max(score_from - lo, 0) : hi - lo] = True
+        sums += _scored_sums(model, x, y, scored, luts, carry=carry)
+    model.train()
+    return _reduce_scores(sums, world)
+
+
+def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
+    """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
+    if chunk <= 0 or chunk % (seq_len * world):
+        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = {seq_len * world}")
+    chunks = [[] for _ in range(-(-n // chunk))]
+    for start, first in eval_windows(n, seq_len, stride):
+        chunks[first // chunk].append((start, first))
+    return chunks
+
+
+def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, args, rank: int, world: int):
+    """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
+    The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
+    with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
+    steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
+    Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
+    device, chunk = luts[0].device, args.ttt_chunk_tokens
+    chunks = ttt_chunks(val_tokens.numel() - 1, seq_len, stride, chunk, world)
+    batch_seqs = min(batch_seqs, -(-max(map(len, chunks)) // world))
+    seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    for c, windows in enumerate(chunks):
+        sums += score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world)
+        if c == len(chunks) - 1:
+            break
+        lo = c * chunk + rank * seqs * seq_len
+        tokens = val_tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
+        x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
+        opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+        for _ in range(args.ttt_epochs):
+            with autocast(device):
+                loss = model(x, y)
+            loss.backward()
+            if world > 1:  # one all-reduce for all gradients
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return _reduce_scores(sums, world)
+
+
+# --- export: quantization, GPTQ, serialization
 # Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip chosen from a few ratios
 # of its max by squared error, rounded by GPTQ on Hessians from training data read inside the training window
 # (a rule of the challenge). The SSM's A/dt path, conv, D, the token and value embedding tables (at int8 they
 # cost 0.0023-0.0024 bpb on P1 for ~0.57 MB) and every small tensor: fp16. An artifact over the cap is made to
 # fit by zeroing the cheapest +-1 entries of the block matrices.
+
 
 QUANT_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
@@ -1183,37 +1216,7 @@ def deserialize(blob: bytes) -> dict[str, Tensor]:
     return state
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def lr_scale(progress: float, warmdown_frac: float) -> float:
-    """1 until the last warmdown_frac of the run, then a cosine down to 0."""
-    start = 1.0 - warmdown_frac
-    if progress <= start or warmdown_frac <= 0:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - start) / warmdown_frac)))
-
-
-def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
-    """Muon for the projection matrices; Adam for the embeddings (token, value), for the SSM's sensitive tensors
-    (at SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
-    named = dict(model.named_parameters())
-    ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
-    ssm_ids = {id(p) for p in ssm}
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
-    embeddings = [model.tok_emb.weight, model.value_embed.weight]
-    seen = ssm_ids | {id(p) for p in matrices + embeddings}
-    others = [p for p in named.values() if id(p) not in seen]
-    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-    optimizers = [
-        torch.optim.Adam([{"params": embeddings, "lr": args.tied_embed_lr},
-                          {"params": ssm, "lr": args.ssm_lr}, {"params": others, "lr": args.scalar_lr}], **adam),
-        Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
-    ]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
+# --- training
 
 
 def main():
