@@ -893,6 +893,9 @@ def lr_scale(progress: float, warmdown_frac: float) -> float:
 
 
 # --- evaluation: windows, scoring, stateful, test-time training
+# The validation split as one rank scores it: its tokens, the byte LUTs, the window length, the windows (stateful
+# scoring: the streams) per batch, and the rank's place among world ranks.
+ValSplit = collections.namedtuple("ValSplit", "tokens luts seq_len batch_seqs rank world", defaults=(0, 1))
 
 
 def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -925,33 +928,33 @@ def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def score_windows(model, val_tokens: Tensor, windows, luts, seq_len: int, batch_seqs: int, rank: int, world: int) -> Tensor:
+def score_windows(model, val: ValSplit, windows) -> Tensor:
     """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
+    tokens, luts, seq_len, batch_seqs, rank, world = val
+    n = tokens.numel() - 1
     per_rank = -(-len(windows) // world)
     mine = windows[rank * per_rank : (rank + 1) * per_rank]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
+    sums = torch.zeros(3, device=luts[0].device, dtype=torch.float64)  # loss, tokens, bytes
     model.eval()
     for i in range(0, max(len(mine), 1), batch_seqs):
-        batch = mine[i : i + batch_seqs]
         x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
         y = torch.zeros_like(x)
         scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-        for j, (start, first) in enumerate(batch):
+        for j, (start, first) in enumerate(mine[i : i + batch_seqs]):
             end = min(start + seq_len, n)
-            x[j, : end - start] = val_tokens[start:end]
-            y[j, : end - start] = val_tokens[start + 1 : end + 1]
+            x[j, : end - start] = tokens[start:end]
+            y[j, : end - start] = tokens[start + 1 : end + 1]
             scored[j, first - start : end - start] = True
         sums += _scored_sums(model, x, y, scored, luts)
     model.train()
     return sums
 
 
-def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
-    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
-    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
-    return _reduce_scores(score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world), world)
+def evaluate(model, val: ValSplit, stride: int = 0) -> tuple[float, float]:
+    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows (flat when stride is 0) split
+    across ranks."""
+    windows = eval_windows(val.tokens.numel() - 1, val.seq_len, stride)
+    return _reduce_scores(score_windows(model, val, windows), val.world)
 
 
 def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
@@ -967,16 +970,15 @@ def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int
 
 
 @torch.no_grad()
-def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
-    """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
+def evaluate_stateful(model, val: ValSplit) -> tuple[float, float]:
+    """Exact (val_loss, val_bpb) with the split cut into world * batch_seqs streams (stream_spans), each read in
     consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, after at least seq_len tokens of attention context (except in the split's first window) and with
-    its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
-    (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
-    spans = stream_spans(n, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    token is scored once, after at least seq_len tokens of attention context (except in the split's first window)
+    and with its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton
+    kernel (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
+    tokens, luts, seq_len, lanes, rank, world = val
+    spans = stream_spans(tokens.numel() - 1, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
+    sums = torch.zeros(3, device=luts[0].device, dtype=torch.float64)
     carry = [{} for _ in model.blocks]
     model.eval()
     for offset in range(0, max(e - r for r, _, e in spans), seq_len):
@@ -985,7 +987,7 @@ def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int,
         for lane, (read_from, score_from, end) in enumerate(spans):
             lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
             if hi > lo:
-                x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
+                x[lane, : hi - lo], y[lane, : hi - lo] = tokens[lo:hi], tokens[lo + 1 : hi + 1]
                 scored[lane, max(score_from - lo, 0) : hi - lo] = True
         sums += _scored_sums(model, x, y, scored, luts, carry=carry)
     model.train()
@@ -995,32 +997,33 @@ def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int,
 def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
     """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
     if chunk <= 0 or chunk % (seq_len * world):
-        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = {seq_len * world}")
+        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = "
+                         f"{seq_len * world}")
     chunks = [[] for _ in range(-(-n // chunk))]
     for start, first in eval_windows(n, seq_len, stride):
         chunks[first // chunk].append((start, first))
     return chunks
 
 
-def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, args, rank: int, world: int):
+def evaluate_ttt(model, val: ValSplit, stride: int, args: Hyperparameters) -> tuple[float, float]:
     """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
     The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
     with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
     steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
     Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
-    device, chunk = luts[0].device, args.ttt_chunk_tokens
-    chunks = ttt_chunks(val_tokens.numel() - 1, seq_len, stride, chunk, world)
-    batch_seqs = min(batch_seqs, -(-max(map(len, chunks)) // world))
+    device, chunk, seq_len, world = val.luts[0].device, args.ttt_chunk_tokens, val.seq_len, val.world
+    chunks = ttt_chunks(val.tokens.numel() - 1, seq_len, stride, chunk, world)
+    scoring = val._replace(batch_seqs=min(val.batch_seqs, -(-max(map(len, chunks)) // world)))
     seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     for c, windows in enumerate(chunks):
-        sums += score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world)
+        sums += score_windows(model, scoring, windows)
         if c == len(chunks) - 1:
             break
-        lo = c * chunk + rank * seqs * seq_len
-        tokens = val_tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
+        lo = c * chunk + val.rank * seqs * seq_len
+        tokens = val.tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
         x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
         opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
         for _ in range(args.ttt_epochs):
@@ -1275,7 +1278,8 @@ def main():
     if distributed:
         train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers = build_optimizers(args, model, fused=device.type == "cuda")
-    val_batch_seqs = max(1, args.val_batch_tokens // (world * args.eval_seq_len))
+    val = ValSplit(val_tokens, luts, args.eval_seq_len, max(1, args.val_batch_tokens // (world * args.eval_seq_len)),
+                   rank, world)
 
     def train_step(loader: TokenLoader, step: int, scale: float) -> Tensor:
         total = torch.zeros((), device=device)
@@ -1373,7 +1377,7 @@ def main():
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             log0(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms step_avg:{step_avg:.2f}ms")
         if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
-            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+            vl, vb = evaluate(compiled, val)
             log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
         t0 = time.perf_counter()  # what ran since the step (logging, validation) is not training time
     log0(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms"
@@ -1395,7 +1399,7 @@ def main():
         if args.max_wallclock_seconds > 0 and train_ms > 1000 * args.max_wallclock_seconds:
             log0(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - 1000 * args.max_wallclock_seconds:.0f}ms")
     t = time.perf_counter()
-    vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
+    vl, vb = evaluate(compiled, val)
     if not math.isfinite(vl):
         fail(f"the EMA weights' pre-export val_loss is {vl}, not finite")
     log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
@@ -1429,15 +1433,15 @@ def main():
     for mode in dict.fromkeys(("flat", args.eval_mode)):
         t = time.perf_counter()
         if mode == "stateful":
-            vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
+            vl, vb = evaluate_stateful(model, val)
         else:
-            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, strides[mode], val_batch_seqs, rank, world)
+            vl, vb = evaluate(compiled, val, strides[mode])
         if not math.isfinite(vl):
             fail(f"the reloaded artifact's {mode} val_loss is {vl}, not finite", artifact=True)
         log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
     if args.ttt_epochs > 0:
         t = time.perf_counter()
-        vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, strides[args.eval_mode], val_batch_seqs, args, rank, world)
+        vl, vb = evaluate_ttt(compiled, val, strides[args.eval_mode], args)
         if not math.isfinite(vl):
             fail(f"the val_loss after test-time training is {vl}, not finite (TTT_LR={args.ttt_lr})", artifact=True)
         log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
