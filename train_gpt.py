@@ -1222,239 +1222,306 @@ def deserialize(blob: bytes) -> dict[str, Tensor]:
 # --- training
 
 
-def main():
-    args = Hyperparameters()
-    distributed = "RANK" in os.environ
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    args.check(world, rank)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    master = rank == 0
-    local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
-    bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
+class Run:
+    """What the stages of a run share: the settings, this process's rank among world ranks and its device, the
+    model (also compiled, and wrapped by DDP across ranks), its optimizers, the validation split and the log."""
 
-    # The data and the model are checked before the log is opened: a refused run leaves none.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
-    for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when the loader reaches it
-        load_shard(path, args.vocab_size)
-    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
-    model = GPT(args, scan_fn, conv_fn).to(device)
+    def __init__(self, args: Hyperparameters):
+        """Joins the ranks, then loads the data and builds the model, all checked before the log is opened: a
+        refused run leaves none."""
+        self.args, self.distributed, self.cuda = args, "RANK" in os.environ, torch.cuda.is_available()
+        self.rank, self.world, self.local_rank = (int(os.environ.get(k, d)) for k, d in
+                                                  (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        args.check(self.world, self.rank)
+        self.device = device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.distributed:
+            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=device if self.cuda else None)
+        self.local_tokens = args.train_batch_tokens // (self.world * args.grad_accum_steps)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        luts = byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), device)
+        self.val = ValSplit(load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len), luts,
+                            args.eval_seq_len, max(1, args.val_batch_tokens // (self.world * args.eval_seq_len)),
+                            self.rank, self.world)
+        for path in shard_paths(args.train_files)[self.rank :: self.world]:  # all now, not when the loader gets there
+            load_shard(path, args.vocab_size)
+        scan_fn, conv_fn, self.backends = resolve_backends(args.scan_impl, args.conv_impl, device)
+        self.model = GPT(args, scan_fn, conv_fn).to(device)
 
-    os.makedirs("logs", exist_ok=True)
-
-    def log0(msg: str):
-        if master:
+    def log(self, msg: str):
+        if self.rank == 0:
             print(msg, flush=True)
-            with open(args.log_path, "a") as f:
+            with open(self.args.log_path, "a") as f:
                 f.write(msg + "\n")
 
-    def fail(msg: str, artifact: bool = False):  # the reason ends the log; no score is logged, no artifact left
-        if master and artifact:
-            os.remove(args.artifact_path)
-        log0(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
+    def fail(self, msg: str, artifact: bool = False):
+        """Ends the run with the reason as the log's last line, leaving no score and no artifact."""
+        if self.rank == 0 and artifact:
+            os.remove(self.args.artifact_path)
+        self.log(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
         sys.exit(1)
 
-    code = open(__file__, "rb").read()
-    log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
-         f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
-    log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
-    log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
-         f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
-    log0(f"backends: {backends}")
-    log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
-    train_model = compiled
-    if distributed:
-        train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    optimizers = build_optimizers(args, model, fused=device.type == "cuda")
-    val = ValSplit(val_tokens, luts, args.eval_seq_len, max(1, args.val_batch_tokens // (world * args.eval_seq_len)),
-                   rank, world)
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
-    def train_step(loader: TokenLoader, step: int, scale: float) -> Tensor:
-        total = torch.zeros((), device=device)
-        for micro in range(args.grad_accum_steps):
-            x, y = loader.next_batch(local_tokens, args.train_seq_len, device)
-            if distributed:
-                train_model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
-            with autocast(device):
-                loss = train_model(x, y)
-            (loss / args.grad_accum_steps).backward()
-            total += loss.detach() / args.grad_accum_steps
+    def start(self):
+        """Opens the log with the code, environment, settings, data and model; compiles the model and builds the
+        optimizers."""
+        args, model = self.args, self.model
+        os.makedirs("logs", exist_ok=True)
+        self.code = open(__file__, "rb").read()
+        self.log(f"code: {os.path.basename(__file__)} {len(self.code)} bytes "
+                 f"sha256:{hashlib.sha256(self.code).hexdigest()}")
+        device_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.log(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
+                 f"world_size:{self.world} grad_accum_steps:{args.grad_accum_steps}")
+        self.log("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
+        self.log(f"val: {len(shard_paths(args.val_files))} shards, {self.val.tokens.numel()} tokens; "
+                 f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
+        self.log(f"backends: {self.backends}")
+        self.log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+        self.train_model = DDP(self.compiled, device_ids=[self.local_rank] if self.cuda else None,
+                               broadcast_buffers=False) if self.distributed else self.compiled
+        self.optimizers = build_optimizers(args, model, fused=self.cuda)
+
+    def train_step(self, loader: TokenLoader, step: int, scale: float) -> Tensor:
+        """One step over GRAD_ACCUM_STEPS micro-batches, at the base LRs times scale: the mean loss."""
+        args, accum = self.args, self.args.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = loader.next_batch(self.local_tokens, args.train_seq_len, self.device)
+            if self.distributed:
+                self.train_model.require_backward_grad_sync = micro == accum - 1
+            with autocast(self.device):
+                loss = self.train_model(x, y)
+            (loss / accum).backward()
+            total += loss.detach() / accum
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
-        for opt in optimizers:
+        for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
                 if isinstance(opt, Muon):
                     group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip_norm)
+        for opt in self.optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return total
 
-    # Compile and warm up on real batches, then restore the initial weights, optimizer state and loader.
-    if args.warmup_steps > 0:
-        initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
-        warm_loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
+    def warm_up(self):
+        """Compiles and runs WARMUP_STEPS steps on real batches, then restores the initial weights and optimizer
+        state; training reads the data from its start."""
+        args = self.args
+        if args.warmup_steps <= 0:
+            return
+        initial = copy.deepcopy((self.model.state_dict(), [opt.state_dict() for opt in self.optimizers]))
+        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, self.world)
         for step in range(args.warmup_steps):
-            train_step(warm_loader, step, 1.0)
-        model.load_state_dict(initial[0])
-        for opt, state in zip(optimizers, initial[1]):
+            self.train_step(loader, step, 1.0)
+        self.model.load_state_dict(initial[0])
+        for opt, state in zip(self.optimizers, initial[1]):
             opt.load_state_dict(state)
-        log0(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
+        self.log(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
 
-    sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
-
-    def calibrate(batches) -> dict[str, Tensor]:
-        with autocast(device):
-            hessians = collect_hessians(model, batches)
-        if distributed:
+    def hessians(self, batches) -> dict[str, Tensor]:
+        """GPTQ's Hessians over the batches, summed across ranks."""
+        with autocast(self.device):
+            hessians = collect_hessians(self.model, batches)
+        if self.distributed:
             for H in hessians.values():
                 dist.all_reduce(H)
         return hessians
 
-    # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
-    # calibration batch now (after a first, loading call) and end training early enough for all of them. None
-    # when no matrix is large enough to be calibrated.
-    calib = args.gptq_calib_tokens > 0 and gptq_layers(model)
-    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if calib else 0
-    calib_reserve_ms = 0.0
-    if calib_batches:
-        probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]
-        calibrate(probe)
-        sync()
+    def reserve_calibration(self) -> tuple[int, float]:
+        """GPTQ's calibration reads training data, which the rules allow only inside the training window: the
+        number of calibration batches and the time to end training early by, from one batch timed now (after a
+        first, loading call). (0, 0) when no matrix is large enough to be calibrated."""
+        args, world = self.args, self.world
+        batches = math.ceil(args.gptq_calib_tokens / (world * self.local_tokens)) \
+            if args.gptq_calib_tokens > 0 and gptq_layers(self.model) else 0
+        if not batches:
+            return 0, 0.0
+        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, world)
+        probe = [loader.next_batch(self.local_tokens, args.train_seq_len, self.device)[0]]
+        self.hessians(probe)
+        self.sync()
         t = time.perf_counter()
-        calibrate(probe)
-        sync()
-        reserve = torch.tensor(1.25 * calib_batches * 1000 * (time.perf_counter() - t), device=device, dtype=torch.float64)
-        if distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
+        self.hessians(probe)
+        self.sync()
+        reserve = torch.tensor(1.25 * batches * 1000 * (time.perf_counter() - t), device=self.device,
+                               dtype=torch.float64)
+        if self.distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
             dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
-        calib_reserve_ms = reserve.item()
-        log0(f"gptq: {calib_batches} calibration batches after training, {calib_reserve_ms:.0f}ms of the training time reserved")
+        self.log(f"gptq: {batches} calibration batches after training, {reserve.item():.0f}ms of the training time "
+                 "reserved")
+        return batches, reserve.item()
 
-    loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
-    ema = [p.detach().float().clone() for p in model.parameters()]
-    train_ms, step, stop = 0.0, 0, False
-    sync()
-    t0 = time.perf_counter()
-    while not stop:
-        progress = step / args.iterations
-        if args.max_wallclock_seconds > 0:
-            progress = max(progress, train_ms / (1000 * args.max_wallclock_seconds))
-        loss = train_step(loader, step, lr_scale(progress, args.warmdown_frac))
-        step += 1
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
-        sync()
-        # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
-        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=device, dtype=torch.float64)
+    def clock(self, train_ms: float, t0: float, loss: Tensor, step: int) -> float:
+        """The training time after a step, the same on all ranks (their maximum), hence the same LR schedule and
+        the same last step. The loss's finiteness rides on this, the step's one read from the device."""
+        self.sync()
+        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=self.device,
+                             dtype=torch.float64)
         clock[1] = loss.isfinite().logical_not()
-        if distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
+        if self.distributed:
             dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         train_ms, diverged = clock.tolist()
         if diverged:
-            fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates too "
-                 f"high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} TIED_EMBED_LR={args.tied_embed_lr} "
-                 f"SSM_LR={args.ssm_lr})")
-        step_avg = train_ms / step
-        stop = step >= args.iterations or (
-            args.max_wallclock_seconds > 0 and train_ms + step_avg + calib_reserve_ms > 1000 * args.max_wallclock_seconds)
-        if step % args.train_log_every == 0 or step <= 10 or stop:
-            if distributed:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            log0(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms step_avg:{step_avg:.2f}ms")
-        if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
-            vl, vb = evaluate(compiled, val)
-            log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
-        t0 = time.perf_counter()  # what ran since the step (logging, validation) is not training time
-    log0(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms"
-         + (f" peak_memory:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device.type == "cuda" else ""))
+            args = self.args
+            self.fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates "
+                      f"too high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} "
+                      f"TIED_EMBED_LR={args.tied_embed_lr} SSM_LR={args.ssm_lr})")
+        return train_ms
 
-    # The exported weights are the EMA.
-    with torch.no_grad():
-        for p, e in zip(model.parameters(), ema):
-            p.copy_(e)
-    hessians = None
-    if calib_batches:
-        t = time.perf_counter()
-        hessians = calibrate(loader.next_batch(local_tokens, args.train_seq_len, device)[0] for _ in range(calib_batches))
-        sync()
+    def train(self, reserve_ms: float) -> tuple[TokenLoader, float]:
+        """Steps until ITERATIONS, or until the next step and the calibration would pass MAX_WALLCLOCK_SECONDS.
+        The LR follows the further of step and time. Leaves the EMA
+        of the weights in the model; returns the loader and the training time in ms."""
+        args, model = self.args, self.model
+        cap_ms = 1000 * args.max_wallclock_seconds
+        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, self.world)
+        ema = [p.detach().float().clone() for p in model.parameters()]
+        train_ms, step, stop = 0.0, 0, False
+        self.sync()
+        t0 = time.perf_counter()
+        while not stop:
+            progress = step / args.iterations
+            if cap_ms > 0:
+                progress = max(progress, train_ms / cap_ms)
+            loss = self.train_step(loader, step, lr_scale(progress, args.warmdown_frac))
+            step += 1
+            with torch.no_grad():
+                decay = min(args.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
+            train_ms = self.clock(train_ms, t0, loss, step)
+            step_avg = train_ms / step
+            stop = step >= args.iterations or (cap_ms > 0 and train_ms + step_avg + reserve_ms > cap_ms)
+            if step % args.train_log_every == 0 or step <= 10 or stop:
+                if self.distributed:
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                self.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+                         f"step_avg:{step_avg:.2f}ms")
+            if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
+                vl, vb = evaluate(self.compiled, self.val)
+                self.log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
+            t0 = time.perf_counter()  # logging and validation are not training time
+        memory = f" peak_memory:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if self.cuda else ""
+        self.log(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms" + memory)
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), ema):
+                p.copy_(e)
+        return loader, train_ms
+
+    def calibrate(self, loader: TokenLoader, batches: int, train_ms: float) -> dict[str, Tensor] | None:
+        """GPTQ's Hessians from the next training batches, timed as training; None without calibration."""
+        if not batches:
+            return None
+        args, t = self.args, time.perf_counter()
+        hessians = self.hessians(loader.next_batch(self.local_tokens, args.train_seq_len, self.device)[0]
+                                 for _ in range(batches))
+        self.sync()
         calib_ms = 1000 * (time.perf_counter() - t)
         train_ms += calib_ms
-        log0(f"gptq: Hessians of {len(hessians)} matrices from {calib_batches * world * local_tokens} training tokens "
-             f"in {calib_ms:.0f}ms; training + calibration {train_ms:.0f}ms")
-        if args.max_wallclock_seconds > 0 and train_ms > 1000 * args.max_wallclock_seconds:
-            log0(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - 1000 * args.max_wallclock_seconds:.0f}ms")
-    t = time.perf_counter()
-    vl, vb = evaluate(compiled, val)
-    if not math.isfinite(vl):
-        fail(f"the EMA weights' pre-export val_loss is {vl}, not finite")
-    log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
+        self.log(f"gptq: Hessians of {len(hessians)} matrices from {batches * self.world * self.local_tokens} "
+                 f"training tokens in {calib_ms:.0f}ms; training + calibration {train_ms:.0f}ms")
+        over_ms = train_ms - 1000 * args.max_wallclock_seconds
+        if args.max_wallclock_seconds > 0 and over_ms > 0:
+            self.log(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {over_ms:.0f}ms")
+        return hessians
 
-    t = time.perf_counter()
-    if master:
-        blob, zeroed = serialize(model.state_dict(), bits, SIZE_CAP_BYTES - len(code), hessians)
-        if zeroed:
-            log0(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
-        with open(args.artifact_path, "wb") as f:
-            f.write(blob)
-    if distributed:
-        dist.barrier()
-    with open(args.artifact_path, "rb") as f:  # every rank scores the artifact as read back from disk
-        blob = f.read()
-    digests = [hashlib.sha256(blob).hexdigest()] * world
-    if distributed:
-        dist.all_gather_object(digests, digests[0])
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
-    log0(f"artifact sha256:{digests[0]} (the same bytes on all {world} ranks)")
-    total = len(blob) + len(code)
-    label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or e.g. int6/int5
-    log0(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
-    log0(f"Total submission size {label}: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")
-    exit_code = 3 if total > SIZE_CAP_BYTES else 0
-    if exit_code:
-        log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
-    model.load_state_dict(deserialize(blob))
-    strides = {"flat": 0, "sliding": args.eval_stride}  # the window modes' strides (0: consecutive windows)
-    for mode in dict.fromkeys(("flat", args.eval_mode)):
+    def timed(self, score, what: str, artifact: bool = True, hint: str = "") -> tuple[float, float, float]:
+        """(val_loss, val_bpb, seconds) of score(); a val_loss that is not finite ends the run."""
         t = time.perf_counter()
-        if mode == "stateful":
-            vl, vb = evaluate_stateful(model, val)
-        else:
-            vl, vb = evaluate(compiled, val, strides[mode])
+        vl, vb = score()
         if not math.isfinite(vl):
-            fail(f"the reloaded artifact's {mode} val_loss is {vl}, not finite", artifact=True)
-        log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
-    if args.ttt_epochs > 0:
-        t = time.perf_counter()
-        vl, vb = evaluate_ttt(compiled, val, strides[args.eval_mode], args)
-        if not math.isfinite(vl):
-            fail(f"the val_loss after test-time training is {vl}, not finite (TTT_LR={args.ttt_lr})", artifact=True)
-        log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
-    log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    if distributed:
-        dist.destroy_process_group()
-        if device.type == "cpu":
-            # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
-            # active exception"; 3 of 16 two-rank runs, PyTorch 2.13) once all is written, so end the process here.
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(exit_code)
-    if exit_code:
-        sys.exit(exit_code)
+            self.fail(f"{what} is {vl}, not finite{hint}", artifact)
+        return vl, vb, time.perf_counter() - t
+
+    def score_pre_export(self):
+        vl, vb, secs = self.timed(lambda: evaluate(self.compiled, self.val), "the EMA weights' pre-export val_loss",
+                                  artifact=False)
+        self.log(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{secs:.1f}s")
+
+    def export_artifact(self, hessians: dict[str, Tensor] | None) -> tuple[bytes, int]:
+        """Rank 0 writes the artifact; every rank reads it back from disk, and all must read the same bytes. Returns
+        them and the exit code: 3 when code and model pass the cap (the run still scores)."""
+        args, t = self.args, time.perf_counter()
+        if self.rank == 0:
+            bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
+            blob, zeroed = serialize(self.model.state_dict(), bits, SIZE_CAP_BYTES - len(self.code), hessians)
+            if zeroed:
+                self.log(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
+            with open(args.artifact_path, "wb") as f:
+                f.write(blob)
+        if self.distributed:
+            dist.barrier()
+        with open(args.artifact_path, "rb") as f:
+            blob = f.read()
+        digests = [hashlib.sha256(blob).hexdigest()] * self.world
+        if self.distributed:
+            dist.all_gather_object(digests, digests[0])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
+        self.log(f"artifact sha256:{digests[0]} (the same bytes on all {self.world} ranks)")
+        code = len(self.code)
+        total = len(blob) + code
+        label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or int6/int5
+        self.log(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in "
+                 f"{time.perf_counter() - t:.1f}s")
+        self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; "
+                 f"cap {SIZE_CAP_BYTES})")
+        if total <= SIZE_CAP_BYTES:
+            return blob, 0
+        self.log(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
+        return blob, 3
+
+    def score(self, blob: bytes):
+        """The artifact's score with flat windows and in EVAL_MODE, then after test-time training; the last is the
+        final one."""
+        args, val = self.args, self.val
+        self.model.load_state_dict(deserialize(blob))
+        strides = {"flat": 0, "sliding": args.eval_stride}  # the window modes' strides (0: consecutive windows)
+        for mode in dict.fromkeys(("flat", args.eval_mode)):
+            score = (lambda: evaluate_stateful(self.model, val)) if mode == "stateful" else \
+                (lambda: evaluate(self.compiled, val, strides[mode]))
+            vl, vb, secs = self.timed(score, f"the reloaded artifact's {mode} val_loss")
+            self.log(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{secs:.1f}s")
+        if args.ttt_epochs > 0:
+            vl, vb, secs = self.timed(lambda: evaluate_ttt(self.compiled, val, strides[args.eval_mode], args),
+                                      "the val_loss after test-time training", hint=f" (TTT_LR={args.ttt_lr})")
+            self.log(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{secs:.1f}s")
+        self.log(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+
+    def end(self, exit_code: int):
+        if self.distributed:
+            dist.destroy_process_group()
+            if not self.cuda:
+                # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
+                # active exception") once all is written, so the process ends here.
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(exit_code)
+        if exit_code:
+            sys.exit(exit_code)
+
+
+def main():
+    run = Run(Hyperparameters())
+    run.start()
+    run.warm_up()
+    calib_batches, reserve_ms = run.reserve_calibration()
+    loader, train_ms = run.train(reserve_ms)
+    hessians = run.calibrate(loader, calib_batches, train_ms)
+    run.score_pre_export()
+    blob, exit_code = run.export_artifact(hessians)
+    run.score(blob)
+    run.end(exit_code)
 
 
 if __name__ == "__main__":
