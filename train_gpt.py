@@ -893,8 +893,7 @@ def lr_scale(progress: float, warmdown_frac: float) -> float:
 
 
 # --- evaluation: windows, scoring, stateful, test-time training
-# The validation split as one rank scores it: its tokens, the byte LUTs, the window length, the windows (stateful
-# scoring: the streams) per batch, and the rank's place among world ranks.
+# The validation split as one rank of world scores it, batch_seqs windows (stateful: streams) per batch.
 ValSplit = collections.namedtuple("ValSplit", "tokens luts seq_len batch_seqs rank world", defaults=(0, 1))
 
 
@@ -910,14 +909,27 @@ def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     return windows
 
 
-def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) -> Tensor:
-    """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
-    device = luts[0].device
-    x, y, scored = x.to(device), y.to(device), scored.to(device)
-    with autocast(device):
-        logits = model(x, **kwargs)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+@torch.no_grad()
+def score_rows(model, val: ValSplit, batches, **kwargs) -> Tensor:
+    """(summed loss, tokens, bytes) over batches of rows (read_from, score_from, end), padded to val.batch_seqs:
+    a row reads the tokens from read_from up to end and scores its targets from score_from."""
+    device = val.luts[0].device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    model.eval()
+    for rows in batches:
+        x = torch.zeros(val.batch_seqs, val.seq_len, dtype=torch.long)
+        y, scored = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
+        for j, (lo, first, hi) in enumerate(rows):
+            if hi > lo:
+                x[j, : hi - lo], y[j, : hi - lo] = val.tokens[lo:hi], val.tokens[lo + 1 : hi + 1]
+                scored[j, max(first - lo, 0) : hi - lo] = True
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with autocast(device):
+            logits = model(x, **kwargs)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, val.luts)[scored].sum()])
+    model.train()
+    return sums
 
 
 def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
@@ -927,40 +939,24 @@ def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
     return loss / tokens, loss / math.log(2) / nbytes
 
 
-@torch.no_grad()
 def score_windows(model, val: ValSplit, windows) -> Tensor:
     """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
-    tokens, luts, seq_len, batch_seqs, rank, world = val
-    n = tokens.numel() - 1
-    per_rank = -(-len(windows) // world)
-    mine = windows[rank * per_rank : (rank + 1) * per_rank]
-    sums = torch.zeros(3, device=luts[0].device, dtype=torch.float64)  # loss, tokens, bytes
-    model.eval()
-    for i in range(0, max(len(mine), 1), batch_seqs):
-        x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
-        y = torch.zeros_like(x)
-        scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-        for j, (start, first) in enumerate(mine[i : i + batch_seqs]):
-            end = min(start + seq_len, n)
-            x[j, : end - start] = tokens[start:end]
-            y[j, : end - start] = tokens[start + 1 : end + 1]
-            scored[j, first - start : end - start] = True
-        sums += _scored_sums(model, x, y, scored, luts)
-    model.train()
-    return sums
+    n, per_rank, b = val.tokens.numel() - 1, -(-len(windows) // val.world), val.batch_seqs
+    mine = [(s, first, min(s + val.seq_len, n))
+            for s, first in windows[val.rank * per_rank : (val.rank + 1) * per_rank]]
+    return score_rows(model, val, (mine[i : i + b] for i in range(0, max(len(mine), 1), b)))
 
 
-def evaluate(model, val: ValSplit, stride: int = 0) -> tuple[float, float]:
-    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows (flat when stride is 0) split
-    across ranks."""
+def evaluate(model, val: ValSplit, stride: int = 0):
+    """Exact (val_loss in nats per token, val_bpb) of the split in windows (flat at stride 0) split across ranks."""
     windows = eval_windows(val.tokens.numel() - 1, val.seq_len, stride)
     return _reduce_scores(score_windows(model, val, windows), val.world)
 
 
 def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
-    """(read_from, score_from, end) of each of `streams` contiguous streams over n positions, each position scored
-    in exactly one. Stream 0 scores from the start; every later one first reads the seq_len positions before its
-    part unscored, as context. All read the same length (seq_len + span), up to the split's end."""
+    """(read_from, score_from, end) of `streams` contiguous streams over n positions, each position scored in
+    exactly one. Each but the first reads the seq_len positions before its part as unscored context; all read
+    seq_len + span positions, up to the split's end."""
     span = max(-(-(n - seq_len) // streams), 1)
     spans = [(0, 0, min(n, seq_len + span))]
     for i in range(1, streams):
@@ -969,29 +965,16 @@ def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int
     return spans
 
 
-@torch.no_grad()
-def evaluate_stateful(model, val: ValSplit) -> tuple[float, float]:
-    """Exact (val_loss, val_bpb) with the split cut into world * batch_seqs streams (stream_spans), each read in
-    consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, after at least seq_len tokens of attention context (except in the split's first window)
-    and with its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton
-    kernel (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
-    tokens, luts, seq_len, lanes, rank, world = val
-    spans = stream_spans(tokens.numel() - 1, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
-    sums = torch.zeros(3, device=luts[0].device, dtype=torch.float64)
-    carry = [{} for _ in model.blocks]
-    model.eval()
-    for offset in range(0, max(e - r for r, _, e in spans), seq_len):
-        x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
-        scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
-        for lane, (read_from, score_from, end) in enumerate(spans):
-            lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
-            if hi > lo:
-                x[lane, : hi - lo], y[lane, : hi - lo] = tokens[lo:hi], tokens[lo + 1 : hi + 1]
-                scored[lane, max(score_from - lo, 0) : hi - lo] = True
-        sums += _scored_sums(model, x, y, scored, luts, carry=carry)
-    model.train()
-    return _reduce_scores(sums, world)
+def evaluate_stateful(model, val: ValSplit):
+    """Exact (val_loss, val_bpb) over world * batch_seqs streams (stream_spans), each read in consecutive windows
+    that carry the SSM state, the conv tail and the previous window's keys and values: every token is scored once,
+    after at least seq_len tokens of attention context (but in the first window) and with its stream's whole
+    history in the SSM. Eager: the scan starts from a state, which the Triton (CUDA) and torch scans can do."""
+    seq_len, lanes = val.seq_len, val.batch_seqs
+    spans = stream_spans(val.tokens.numel() - 1, seq_len, val.world * lanes)[val.rank * lanes : (val.rank + 1) * lanes]
+    batches = ([(r + offset, first, min(r + offset + seq_len, e)) for r, first, e in spans]
+               for offset in range(0, max(e - r for r, _, e in spans), seq_len))
+    return _reduce_scores(score_rows(model, val, batches, carry=[{} for _ in model.blocks]), val.world)
 
 
 def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
@@ -1005,12 +988,12 @@ def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> lis
     return chunks
 
 
-def evaluate_ttt(model, val: ValSplit, stride: int, args: Hyperparameters) -> tuple[float, float]:
-    """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
-    The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
-    with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
-    steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
-    Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
+def evaluate_ttt(model, val: ValSplit, stride: int, args: Hyperparameters):
+    """Score-first test-time training (the rules allow training on validation tokens once they are scored): per
+    chunk of TTT_CHUNK_TOKENS, its windows (flat, or sliding with stride) are scored with the weights trained on the
+    chunks before, then its tokens train every weight for TTT_EPOCHS steps of SGD with momentum (sequences split
+    across ranks), the LR falling over the chunks as a cosine. Returns the exact (val_loss, val_bpb) and leaves
+    the model trained."""
     device, chunk, seq_len, world = val.luts[0].device, args.ttt_chunk_tokens, val.seq_len, val.world
     chunks = ttt_chunks(val.tokens.numel() - 1, seq_len, stride, chunk, world)
     scoring = val._replace(batch_seqs=min(val.batch_seqs, -(-max(map(len, chunks)) // world)))
