@@ -36,80 +36,80 @@ def int_list(s: str) -> list[int]:
 
 
 class Hyperparameters:
-    """Every setting comes from an environment variable of the upper-case name, with the default shown."""
+    """Every setting comes from an environment variable of the upper-case name, with the default shown, read as the
+    default's type."""
 
-    def __init__(self, env=os.environ):
-        def get(name, default, cast=str):
-            value = env.get(name.upper(), default)
+    def __init__(self, environ=os.environ):
+        def env(name, default, cast=None):
+            value, cast = environ.get(name.upper(), default), cast or type(default)
             try:
-                return cast(value)
+                setattr(self, name, cast(value))
             except ValueError:
                 raise ValueError(f"{name.upper()}={value!r} is not a valid {cast.__name__}") from None
 
-        self.data_path = get("data_path", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = get("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
-        self.run_id = get("run_id", str(uuid.uuid4()))
-        self.seed = get("seed", 1337, int)
+        env("data_path", "./data/datasets/fineweb10B_sp1024")
+        env("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
+        env("run_id", str(uuid.uuid4()))
+        env("seed", 1337)
         # model
-        self.vocab_size = get("vocab_size", 1024, int)
-        self.num_layers = get("num_layers", 9, int)
-        self.model_dim = get("model_dim", 512, int)
-        self.num_heads = get("num_heads", 8, int)
-        self.num_kv_heads = get("num_kv_heads", 4, int)
-        self.mlp_mult = get("mlp_mult", 3, int)
-        self.logit_softcap = get("logit_softcap", 30.0, float)
-        self.rope_base = get("rope_base", 10000.0, float)
-        self.qk_gain_init = get("qk_gain_init", 1.5, float)
-        self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
-        self.value_embed_dim = get("value_embed_dim", 128, int)  # a token embedding added to attention's values
-        self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
-        self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
-        # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
-        self.ssm_layers = get("ssm_layers", "0", int_list)
-        self.ssm_state = get("ssm_state", 4, int)
-        self.ssm_conv = get("ssm_conv", 4, int)
-        self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
-        self.dt_min = get("dt_min", 1e-3, float)
-        self.dt_max = get("dt_max", 1e-1, float)
-        self.scan_impl = get("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
-        self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
+        env("vocab_size", 1024)
+        env("num_layers", 9)
+        env("model_dim", 512)
+        env("num_heads", 8)
+        env("num_kv_heads", 4)
+        env("mlp_mult", 3)
+        env("logit_softcap", 30.0)
+        env("rope_base", 10000.0)
+        env("qk_gain_init", 1.5)
+        env("tied_embed_init_std", 0.005)
+        env("value_embed_dim", 128)  # a token embedding added to attention's values
+        env("value_embed_layers", 2)  # ... in the last this many layers (or all)
+        env("ssm_inner", self.model_dim // 4)  # the Mamba branch's width (d_inner)
+        env("ssm_layers", "0", int_list)  # the layers with a Mamba branch, e.g. "0,4"; none: attention only
+        env("ssm_state", 4)
+        env("ssm_conv", 4)
+        env("ssm_dt_rank", 32)
+        env("dt_min", 1e-3)
+        env("dt_max", 1e-1)
+        env("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
+        env("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
-        self.train_seq_len = get("train_seq_len", 2048, int)
-        self.train_batch_tokens = get("train_batch_tokens", 1048576, int)
-        self.grad_accum_steps = get("grad_accum_steps", 0, int)  # 0: 8 // world_size
-        self.iterations = get("iterations", 20000, int)
-        self.max_wallclock_seconds = get("max_wallclock_seconds", 600.0, float)
-        self.warmdown_frac = get("warmdown_frac", 0.35, float)
-        self.warmup_steps = get("warmup_steps", 20, int)
-        self.train_log_every = get("train_log_every", 200, int)
-        self.val_loss_every = get("val_loss_every", 0, int)
-        self.compile = get("compile", int(torch.cuda.is_available()), int)
+        env("train_seq_len", 2048)
+        env("train_batch_tokens", 1048576)
+        env("grad_accum_steps", 0)  # 0: 8 // world_size
+        env("iterations", 20000)
+        env("max_wallclock_seconds", 600.0)
+        env("warmdown_frac", 0.35)
+        env("warmup_steps", 20)
+        env("train_log_every", 200)
+        env("val_loss_every", 0)
+        env("compile", int(torch.cuda.is_available()))
         # optimizers
-        self.matrix_lr = get("matrix_lr", 0.04, float)
-        self.scalar_lr = get("scalar_lr", 0.04, float)
-        self.ssm_lr = get("ssm_lr", 0.004, float)
-        self.tied_embed_lr = get("tied_embed_lr", 0.05, float)
-        self.muon_momentum = get("muon_momentum", 0.95, float)
-        self.muon_momentum_warmup_start = get("muon_momentum_warmup_start", 0.85, float)
-        self.muon_momentum_warmup_steps = get("muon_momentum_warmup_steps", 500, int)
-        self.muon_wd = get("muon_wd", 0.04, float)
-        self.beta1 = get("beta1", 0.9, float)
-        self.beta2 = get("beta2", 0.95, float)
-        self.adam_eps = get("adam_eps", 1e-8, float)
-        self.grad_clip_norm = get("grad_clip_norm", 0.0, float)
-        self.ema_decay = get("ema_decay", 0.997, float)
+        env("matrix_lr", 0.04)
+        env("scalar_lr", 0.04)
+        env("ssm_lr", 0.004)
+        env("tied_embed_lr", 0.05)
+        env("muon_momentum", 0.95)
+        env("muon_momentum_warmup_start", 0.85)
+        env("muon_momentum_warmup_steps", 500)
+        env("muon_wd", 0.04)
+        env("beta1", 0.9)
+        env("beta2", 0.95)
+        env("adam_eps", 1e-8)
+        env("grad_clip_norm", 0.0)
+        env("ema_decay", 0.997)
         # evaluation and export
-        self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
-        self.eval_mode = get("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
-        self.eval_stride = get("eval_stride", 64, int)  # sliding windows' stride
-        self.ttt_epochs = get("ttt_epochs", 3, int)  # score-first test-time training after the scoring above; 0: none
-        self.ttt_lr = get("ttt_lr", 0.02, float)
-        self.ttt_chunk_tokens = get("ttt_chunk_tokens", 32768, int)
-        self.val_batch_tokens = get("val_batch_tokens", 524288, int)
-        self.artifact_path = get("artifact_path", "final_model.int6.ptz")
-        self.gptq_calib_tokens = get("gptq_calib_tokens", 524288, int)  # training tokens for GPTQ's Hessians; 0: rounding
-        self.mixer_bits = get("mixer_bits", 6, int)  # attention and SSM block matrices
-        self.mlp_bits = get("mlp_bits", 6, int)
+        env("eval_seq_len", self.train_seq_len)
+        env("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
+        env("eval_stride", 64)  # sliding windows' stride
+        env("ttt_epochs", 3)  # score-first test-time training after the scoring; 0: none
+        env("ttt_lr", 0.02)
+        env("ttt_chunk_tokens", 32768)
+        env("val_batch_tokens", 524288)
+        env("artifact_path", "final_model.int6.ptz")
+        env("gptq_calib_tokens", 524288)  # GPTQ's calibration tokens; 0: rounding
+        env("mixer_bits", 6)  # attention and SSM block matrices
+        env("mlp_bits", 6)
 
     @property
     def train_files(self):
@@ -124,7 +124,7 @@ class Hyperparameters:
         return f"logs/{self.run_id}.txt"
 
     def check(self, world: int = 1, rank: int = 0):
-        """Refuse, before anything runs, settings no run can finish with, naming each variable and its value.
+        """Refuses, before anything runs, settings no run can finish with, naming each variable and its value;
         GRAD_ACCUM_STEPS=0 becomes 8 // world."""
         def need(ok: bool, msg: str):
             if not ok:
@@ -211,7 +211,8 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
         raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     count = int(header[2])
     if size != 4 * HEADER_INTS + 2 * count:
-        raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), file has {size} bytes")
+        raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), "
+                         f"file has {size} bytes")
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))  # read when used
     if count and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
@@ -299,6 +300,13 @@ def _empty(*like: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like)
 
 
+ScanGrads = tuple[(Tensor,) * 8]
+
+
+def _fake_grads(dout, u, delta, A, B, C, D, z, delta_bias, *saved):
+    return _empty(u, delta, A, B, C, D, z, delta_bias)
+
+
 def _scan_terms(u, delta, A, B, C, delta_bias):
     """Shared by the torch forward and backward: dt, u, B, C, the decays a and the states h, in fp32."""
     dt = F.softplus(_f32(delta) + delta_bias)
@@ -329,7 +337,7 @@ def _(u, delta, A, B, C, D, z, delta_bias):
 
 @torch.library.custom_op("hymba::scan_bwd", mutates_args=())
 def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                   delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   delta_bias: Tensor) -> ScanGrads:
     dt, uf, Bf, Cf, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
     zf, do = _f32(z), _f32(dout)
     y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
@@ -348,9 +356,7 @@ def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return tuple(t.contiguous() for t in grads)
 
 
-@torch_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
+torch_scan_bwd.register_fake(_fake_grads)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -358,7 +364,8 @@ def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *(output[1:] if isinstance(output, tuple) else ()))
 
 
-torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors), setup_context=_save_for_backward)
+torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors),
+                                 setup_context=_save_for_backward)
 
 
 @torch.library.custom_op("hymba::mamba_scan_fwd", mutates_args=())
@@ -379,8 +386,7 @@ def _(u, delta, A, B, C, D, z, delta_bias):
 
 @torch.library.custom_op("hymba::mamba_scan_bwd", mutates_args=())
 def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                   delta_bias: Tensor, out: Tensor, states: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   delta_bias: Tensor, out: Tensor, states: Tensor) -> ScanGrads:
     import selective_scan_cuda
 
     du, ddelta, dA, dB, dC, dD, dbias, dz = selective_scan_cuda.bwd(
@@ -388,11 +394,7 @@ def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return du, ddelta, dA, dB.squeeze(1).contiguous(), dC.squeeze(1).contiguous(), dD, dz, dbias
 
 
-@mamba_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, out, states):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
-
-
+mamba_scan_bwd.register_fake(_fake_grads)
 mamba_scan_fwd.register_autograd(lambda ctx, dout, *_: mamba_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
                                  setup_context=_save_for_backward)
 
@@ -421,7 +423,8 @@ if triton is not None:
         return a1 * a2, b1 * a2 + b2
 
     @triton.jit
-    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K: tl.constexpr, N: tl.constexpr):
+    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm,
+                    K: tl.constexpr, N: tl.constexpr):
         """Offsets and mask of chunk c's (time, channel) tile, its fp32 u, delta + bias, dt = softplus(delta + bias)
         (0 past the end, so the state passes through unchanged), B, C, the decays a and the states h."""
         t = c * K + tl.arange(0, K)
@@ -461,7 +464,8 @@ if triton is not None:
         h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
         for c in range(NC):
             tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
-            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI, d, n, dm, nm, K, N)
+            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI,
+                                                           d, n, dm, nm, K, N)
             y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
             z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
@@ -480,7 +484,8 @@ if triton is not None:
         for cc in range(NC):
             c = NC - 1 - cc
             h0 = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=dn, other=0.0)
-            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K, N)
+            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T,
+                                                              DI, d, n, dm, nm, K, N)
             z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
             y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
@@ -489,7 +494,8 @@ if triton is not None:
             # dL/dh_t = dy_t C_t + a_{t+1} dL/dh_{t+1}: a scan backwards in time over (a_{t+1}, dy_t C_t)
             a_next = tl.gather(a, tl.minimum(rows + 1, K - 1) + tl.zeros_like(a).to(tl.int32), 0)
             last = rows == K - 1
-            _, g = tl.associative_scan((tl.where(last, 0.0, a_next), dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
+            _, g = tl.associative_scan((tl.where(last, 0.0, a_next),
+                                        dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
                                        0, _combine, reverse=True)
             dlog_a = g * (hs - bx)  # dL/dh_t * a_t h_{t-1}
             gB = tl.sum(g * Bt[:, None, :], axis=2)
@@ -536,7 +542,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0):
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                    delta_bias: Tensor, ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
     (b, nblk), nc, np2 = _scan_grid(u, A)
     T, di, n = u.size(1), u.size(2), A.size(1)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -546,13 +552,11 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
                                 dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK,
                                 num_warps=SCAN_WARPS)
-    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(), dC.sum(1)[..., :n].to(C.dtype).contiguous(),
-            dD.sum(0), dz, dbias.sum(0))
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
+            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
 
 
-@triton_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
+triton_scan_bwd.register_fake(_fake_grads)
 
 
 def _triton_scan_backward(ctx, dout, _):
@@ -631,10 +635,8 @@ def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, *state):
 
 
 # --- model: Hymba mixer, MLP, block, GPT
-
-
 # The SSM's A/dt path, conv and D skip: Adam at a low LR in training (Muon's orthogonalised, rescaled updates
-# blow up the 512x32 dt projection), kept at fp16 in the export.
+# blow up the low-rank dt projection), kept at fp16 in the export.
 SSM_SENSITIVE = ("A_log", "dt_proj", "dt_bias", "conv_", "D_skip")
 
 
@@ -678,17 +680,21 @@ class HymbaMixer(nn.Module):
         self.q_proj = CastedLinear(dim, dim)
         self.in_proj = CastedLinear(dim, sum(self.splits))  # [K | V | x_ssm | z]
         self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
-        self.register_buffer("inv_freq", args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim), persistent=False)
+        inv_freq = args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         if self.d_inner:
-            self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-args.ssm_conv**-0.5, args.ssm_conv**-0.5))
+            bound = args.ssm_conv**-0.5
+            self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-bound, bound))
             self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
             self.x_proj = CastedLinear(self.d_inner, self.dt_rank + 2 * self.d_state)
             self.dt_proj = CastedLinear(self.dt_rank, self.d_inner)
             nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
             # Mamba's dt init: dt log-uniform in [dt_min, dt_max], bias = softplus^-1(dt)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(args.dt_max) - math.log(args.dt_min)) + math.log(args.dt_min))
+            lo, hi = math.log(args.dt_min), math.log(args.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner) * (hi - lo) + lo)
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+            self.A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))
             self.D_skip = nn.Parameter(torch.ones(self.d_inner))
             self.ssm_out = CastedLinear(self.d_inner, dim)
             self.merge_alpha = nn.Parameter(torch.zeros(()))
@@ -697,8 +703,8 @@ class HymbaMixer(nn.Module):
     def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
         """value_embed: added to the values (B, T, kv_dim). carry (stateful evaluation, forward only): this layer's
         state after the previous window of the same sequences ({} before the first), replaced by the state after
-        this one. Queries then also attend to the previous window's keys, up to that window's length back; the
-        conv and the scan continue where it ended."""
+        this one; queries also attend to that window's keys, up to its length back, and the conv and the scan
+        continue where it ended."""
         B, T, _ = x.shape
         k, v, *ssm_in = self.in_proj(x).split(self.splits, dim=-1)
         if value_embed is not None:
@@ -711,10 +717,12 @@ class HymbaMixer(nn.Module):
         if carry and "kv" in carry:
             (k_prev, v_prev), P = carry["kv"], carry["kv"][0].size(-2)
             i, j = torch.arange(T, device=x.device)[:, None], torch.arange(P + T, device=x.device)
-            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
-                                                  torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
+            attn = F.scaled_dot_product_attention(
+                rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
+                torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
         else:
-            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, is_causal=True, enable_gqa=gqa)
+            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v,
+                                                  is_causal=True, enable_gqa=gqa)
         # XSA: drop the component of each head's output along its own token's value (that token already reaches
         # the output through the residual), so that the heads spend themselves on the other tokens.
         v_self = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
@@ -774,8 +782,9 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap = args.logit_softcap
         if args.ssm_inner < 1 or not all(0 <= i < args.num_layers for i in args.ssm_layers):
-            raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of 0..{args.num_layers - 1} "
-                             f"and SSM_INNER={args.ssm_inner} be positive (attention only: SSM_LAYERS empty)")
+            raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of "
+                             f"0..{args.num_layers - 1} and SSM_INNER={args.ssm_inner} be positive (attention only: "
+                             "SSM_LAYERS empty)")
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn, i) for i in range(args.num_layers))
@@ -783,7 +792,8 @@ class GPT(nn.Module):
         # each with its own gain, so that those layers' values carry the token's identity at little compute.
         self.value_embed = nn.Embedding(args.vocab_size, args.value_embed_dim)
         nn.init.normal_(self.value_embed.weight, std=0.02)
-        self.value_proj = CastedLinear(args.value_embed_dim, self.blocks[0].mixer.splits[1], zero_init=True)  # to V's width
+        kv_dim = self.blocks[0].mixer.splits[1]
+        self.value_proj = CastedLinear(args.value_embed_dim, kv_dim, zero_init=True)
         if args.value_embed_layers < 1:
             raise ValueError(f"VALUE_EMBED_LAYERS={args.value_embed_layers} must be at least 1")
         self.value_gains = nn.Parameter(torch.ones(min(args.value_embed_layers, args.num_layers)))
@@ -849,7 +859,8 @@ class Muon(torch.optim.Optimizer):
                     by_shape[p.shape].append(i)
             for shape, idx in by_shape.items():
                 grads = [params[i].grad for i in idx]
-                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g))
+                        for i, g in zip(idx, grads)]
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
                 update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
@@ -1025,12 +1036,11 @@ def evaluate_ttt(model, val: ValSplit, stride: int, args: Hyperparameters):
 
 
 # --- export: quantization, GPTQ, serialization
-# Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip chosen from a few ratios
-# of its max by squared error, rounded by GPTQ on Hessians from training data read inside the training window
-# (a rule of the challenge). The SSM's A/dt path, conv, D, the token and value embedding tables (at int8 they
-# cost 0.0023-0.0024 bpb on P1 for ~0.57 MB) and every small tensor: fp16. An artifact over the cap is made to
-# fit by zeroing the cheapest +-1 entries of the block matrices.
-
+# Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip the ratio of its max with
+# the least squared error, rounded by GPTQ on Hessians of training data read inside the training window (a rule of
+# the challenge). fp16: the SSM's A/dt path, conv and D, the embedding tables (rounding them costs more score than
+# their bytes buy) and every small tensor. An artifact over the cap is fitted by zeroing the cheapest +-1 entries
+# of the block matrices.
 
 QUANT_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
@@ -1039,7 +1049,8 @@ EMBED_TABLES = ("tok_emb.weight", "value_embed.weight")
 
 
 def export_kind(name: str, t: Tensor) -> str:
-    if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and name not in EMBED_TABLES and not any(s in name for s in SSM_SENSITIVE):
+    if (t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and name not in EMBED_TABLES
+            and not any(s in name for s in SSM_SENSITIVE)):
         return "mlp" if ".mlp." in name else "mixer"
     return "fp16"
 
@@ -1058,15 +1069,16 @@ def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
             best_q, best_s, best_err = q, s, err
         else:
             better = err < best_err
-            best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
+            best_q, best_s = torch.where(better, q, best_q), torch.where(better, s, best_s)
+            best_err = torch.minimum(err, best_err)
     return best_q.to(torch.int8), best_s.squeeze(-1).half()
 
 
 def gptq_quantize(w: Tensor, H: Tensor, qmax: int, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al., 2022) with quantize_rows' scales: columns are rounded one at a time, in order of
-    decreasing input energy (H's diagonal), and each rounding error is spread over the columns not yet rounded
-    through the inverse of H = sum of x x^T over the calibration inputs, so that x.w stays close. w: one matrix
-    (rows, cols) or a stack of same-shape ones (n, rows, cols), with H (cols, cols) or (n, cols, cols)."""
+    """GPTQ (Frantar et al., 2022) with quantize_rows' scales: columns are rounded one at a time, by decreasing
+    input energy (H's diagonal), each rounding error spread over the columns not yet rounded through the inverse of
+    H = sum of x x^T over the calibration inputs, so that x.w stays close. w (rows, cols) and H (cols, cols), or
+    stacks of them (n, ...)."""
     _, scale = quantize_rows(w, qmax)
     # float64 copies: no TF32 in the updates, a stable Cholesky, and the caller's tensors stay untouched
     s, w, H = scale.double().unsqueeze(-1), w.to(torch.float64, copy=True), H.to(torch.float64, copy=True)
@@ -1104,7 +1116,7 @@ def gptq_layers(model: nn.Module) -> dict[str, CastedLinear]:
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
-    """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as a block matrix, over the batches."""
+    """GPTQ's H (sum of x x^T, fp32) of the input of every layer exported as a block matrix, over the batches."""
     hessians, hooks = {}, []
     for name, m in gptq_layers(model).items():
         H = hessians[name] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
@@ -1131,16 +1143,17 @@ def compress(payload: bytes) -> bytes:
 def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | None = None,
               hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
     """Tensors quantized to bits[export kind] (by GPTQ where hessians has the tensor's H, else by rounding) as a
-    JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed).
-    Over max_bytes, block-matrix entries of +-1 are set to 0, those adding the least squared error first, in
-    rounds sized by the bytes the previous round saved, until the artifact fits or none is left."""
+    JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed). Over max_bytes, block-matrix
+    +-1 entries are set to 0, least added squared error first, in rounds sized by the bytes the last round saved,
+    until the artifact fits or none is left."""
     qmax = {kind: 2 ** (b - 1) - 1 for kind, b in bits.items()}
     index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each block-matrix +-1
     by_gptq, same_shape = {}, collections.defaultdict(list)  # GPTQ runs on each group of same-shape matrices at once
     for name in hessians or {}:
         same_shape[state[name].shape, export_kind(name, state[name])].append(name)
     for (_, kind), names in same_shape.items():
-        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]), torch.stack([hessians[n] for n in names]), qmax[kind])
+        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]),
+                                 torch.stack([hessians[n] for n in names]), qmax[kind])
         by_gptq.update(zip(names, zip(q, scale)))
     for name, t in state.items():
         kind = export_kind(name, t)
@@ -1206,31 +1219,30 @@ def deserialize(blob: bytes) -> dict[str, Tensor]:
 
 
 class Run:
-    """What the stages of a run share: the settings, this process's rank among world ranks and its device, the
-    model (also compiled, and wrapped by DDP across ranks), its optimizers, the validation split and the log."""
+    """What the stages of a run share: settings, rank, device, model (plain, compiled, DDP), optimizers, log."""
 
     def __init__(self, args: Hyperparameters):
-        """Joins the ranks, then loads the data and builds the model, all checked before the log is opened: a
-        refused run leaves none."""
-        self.args, self.distributed, self.cuda = args, "RANK" in os.environ, torch.cuda.is_available()
-        self.rank, self.world, self.local_rank = (int(os.environ.get(k, d)) for k, d in
-                                                  (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-        args.check(self.world, self.rank)
-        self.device = device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
-        if self.cuda:
+        """Joins the ranks, loads the data, builds the model: all checked before the log opens."""
+        rank, world, self.local_rank = (int(os.environ.get(k, d)) for k, d in
+                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        args.check(world, rank)
+        self.args, self.rank, self.world, self.distributed = args, rank, world, "RANK" in os.environ
+        self.cuda = cuda = torch.cuda.is_available()
+        self.device = device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
             torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.distributed:
-            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=device if self.cuda else None)
-        self.local_tokens = args.train_batch_tokens // (self.world * args.grad_accum_steps)
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        self.local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         luts = byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), device)
-        self.val = ValSplit(load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len), luts,
-                            args.eval_seq_len, max(1, args.val_batch_tokens // (self.world * args.eval_seq_len)),
-                            self.rank, self.world)
-        for path in shard_paths(args.train_files)[self.rank :: self.world]:  # all now, not when the loader gets there
+        seq_len = args.eval_seq_len
+        tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len)
+        self.val = ValSplit(tokens, luts, seq_len, max(1, args.val_batch_tokens // (world * seq_len)), rank, world)
+        for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when first read
             load_shard(path, args.vocab_size)
         scan_fn, conv_fn, self.backends = resolve_backends(args.scan_impl, args.conv_impl, device)
         self.model = GPT(args, scan_fn, conv_fn).to(device)
@@ -1242,7 +1254,7 @@ class Run:
                 f.write(msg + "\n")
 
     def fail(self, msg: str, artifact: bool = False):
-        """Ends the run with the reason as the log's last line, leaving no score and no artifact."""
+        """Ends the run with the reason as the log's last line; no score, no artifact."""
         if self.rank == 0 and artifact:
             os.remove(self.args.artifact_path)
         self.log(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
@@ -1252,33 +1264,36 @@ class Run:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def loader(self) -> TokenLoader:
+        return TokenLoader(self.args.train_files, self.args.vocab_size, self.rank, self.world)
+
+    def batch(self, loader: TokenLoader) -> tuple[Tensor, Tensor]:
+        return loader.next_batch(self.local_tokens, self.args.train_seq_len, self.device)
+
     def start(self):
-        """Opens the log with the code, environment, settings, data and model; compiles the model and builds the
-        optimizers."""
-        args, model = self.args, self.model
+        """Opens the log, then compiles the model and builds the optimizers."""
+        args, model, log, code = self.args, self.model, self.log, open(__file__, "rb").read()
         os.makedirs("logs", exist_ok=True)
-        self.code = open(__file__, "rb").read()
-        self.log(f"code: {os.path.basename(__file__)} {len(self.code)} bytes "
-                 f"sha256:{hashlib.sha256(self.code).hexdigest()}")
-        device_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
-        self.log(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
-                 f"world_size:{self.world} grad_accum_steps:{args.grad_accum_steps}")
-        self.log("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
-        self.log(f"val: {len(shard_paths(args.val_files))} shards, {self.val.tokens.numel()} tokens; "
-                 f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
-        self.log(f"backends: {self.backends}")
-        self.log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+        self.code_bytes = len(code)
+        log(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
+        log(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:"
+            f"{torch.cuda.get_device_name(self.device) if self.cuda else 'cpu'} world_size:{self.world} "
+            f"grad_accum_steps:{args.grad_accum_steps}")
+        log("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
+        log(f"val: {len(shard_paths(args.val_files))} shards, {self.val.tokens.numel()} tokens; "
+            f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
+        log(f"backends: {self.backends}")
+        log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
         self.train_model = DDP(self.compiled, device_ids=[self.local_rank] if self.cuda else None,
                                broadcast_buffers=False) if self.distributed else self.compiled
         self.optimizers = build_optimizers(args, model, fused=self.cuda)
 
     def train_step(self, loader: TokenLoader, step: int, scale: float) -> Tensor:
-        """One step over GRAD_ACCUM_STEPS micro-batches, at the base LRs times scale: the mean loss."""
         args, accum = self.args, self.args.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = loader.next_batch(self.local_tokens, args.train_seq_len, self.device)
+            x, y = self.batch(loader)
             if self.distributed:
                 self.train_model.require_backward_grad_sync = micro == accum - 1
             with autocast(self.device):
@@ -1299,22 +1314,20 @@ class Run:
         return total
 
     def warm_up(self):
-        """Compiles and runs WARMUP_STEPS steps on real batches, then restores the initial weights and optimizer
-        state; training reads the data from its start."""
-        args = self.args
-        if args.warmup_steps <= 0:
+        """Compiles on real batches, then restores the weights and optimizer state: warm-up is not training."""
+        steps, model, optimizers = self.args.warmup_steps, self.model, self.optimizers
+        if steps <= 0:
             return
-        initial = copy.deepcopy((self.model.state_dict(), [opt.state_dict() for opt in self.optimizers]))
-        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, self.world)
-        for step in range(args.warmup_steps):
+        initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
+        loader = self.loader()
+        for step in range(steps):
             self.train_step(loader, step, 1.0)
-        self.model.load_state_dict(initial[0])
-        for opt, state in zip(self.optimizers, initial[1]):
+        model.load_state_dict(initial[0])
+        for opt, state in zip(optimizers, initial[1]):
             opt.load_state_dict(state)
-        self.log(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
+        self.log(f"warmup: {steps} steps compiled and run, then weights and optimizer state restored")
 
     def hessians(self, batches) -> dict[str, Tensor]:
-        """GPTQ's Hessians over the batches, summed across ranks."""
         with autocast(self.device):
             hessians = collect_hessians(self.model, batches)
         if self.distributed:
@@ -1323,67 +1336,53 @@ class Run:
         return hessians
 
     def reserve_calibration(self) -> tuple[int, float]:
-        """GPTQ's calibration reads training data, which the rules allow only inside the training window: the
-        number of calibration batches and the time to end training early by, from one batch timed now (after a
-        first, loading call). (0, 0) when no matrix is large enough to be calibrated."""
-        args, world = self.args, self.world
-        batches = math.ceil(args.gptq_calib_tokens / (world * self.local_tokens)) \
-            if args.gptq_calib_tokens > 0 and gptq_layers(self.model) else 0
+        """GPTQ's calibration reads training data, allowed only inside the training window: its batches, and the
+        ms to stop training early by, from one batch timed now (after a first, loading call)."""
+        tokens = self.args.gptq_calib_tokens
+        batches = math.ceil(tokens / (self.world * self.local_tokens)) if tokens > 0 and gptq_layers(self.model) else 0
         if not batches:
             return 0, 0.0
-        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, world)
-        probe = [loader.next_batch(self.local_tokens, args.train_seq_len, self.device)[0]]
+        probe = [self.batch(self.loader())[0]]
         self.hessians(probe)
         self.sync()
         t = time.perf_counter()
         self.hessians(probe)
         self.sync()
-        reserve = torch.tensor(1.25 * batches * 1000 * (time.perf_counter() - t), device=self.device,
-                               dtype=torch.float64)
+        ms = torch.tensor(1.25 * batches * 1000 * (time.perf_counter() - t), device=self.device, dtype=torch.float64)
         if self.distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
-            dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
-        self.log(f"gptq: {batches} calibration batches after training, {reserve.item():.0f}ms of the training time "
-                 "reserved")
-        return batches, reserve.item()
-
-    def clock(self, train_ms: float, t0: float, loss: Tensor, step: int) -> float:
-        """The training time after a step, the same on all ranks (their maximum), hence the same LR schedule and
-        the same last step. The loss's finiteness rides on this, the step's one read from the device."""
-        self.sync()
-        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=self.device,
-                             dtype=torch.float64)
-        clock[1] = loss.isfinite().logical_not()
-        if self.distributed:
-            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-        train_ms, diverged = clock.tolist()
-        if diverged:
-            args = self.args
-            self.fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates "
-                      f"too high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} "
-                      f"TIED_EMBED_LR={args.tied_embed_lr} SSM_LR={args.ssm_lr})")
-        return train_ms
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        self.log(f"gptq: {batches} calibration batches after training, {ms.item():.0f}ms of the training time reserved")
+        return batches, ms.item()
 
     def train(self, reserve_ms: float) -> tuple[TokenLoader, float]:
-        """Steps until ITERATIONS, or until the next step and the calibration would pass MAX_WALLCLOCK_SECONDS.
-        The LR follows the further of step and time. Leaves the EMA
-        of the weights in the model; returns the loader and the training time in ms."""
+        """Until ITERATIONS, or until one more step and the calibration would pass MAX_WALLCLOCK_SECONDS; the LR
+        follows the further of the two. Leaves the EMA weights in the model, to export."""
         args, model = self.args, self.model
         cap_ms = 1000 * args.max_wallclock_seconds
-        loader = TokenLoader(args.train_files, args.vocab_size, self.rank, self.world)
+        loader = self.loader()
         ema = [p.detach().float().clone() for p in model.parameters()]
         train_ms, step, stop = 0.0, 0, False
         self.sync()
         t0 = time.perf_counter()
         while not stop:
-            progress = step / args.iterations
-            if cap_ms > 0:
-                progress = max(progress, train_ms / cap_ms)
+            progress = max(step / args.iterations, train_ms / cap_ms) if cap_ms > 0 else step / args.iterations
             loss = self.train_step(loader, step, lr_scale(progress, args.warmdown_frac))
             step += 1
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                decay = min(args.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
-            train_ms = self.clock(train_ms, t0, loss, step)
+            self.sync()
+            # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
+            clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=self.device,
+                                 dtype=torch.float64)
+            clock[1] = loss.isfinite().logical_not()
+            if self.distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            train_ms, diverged = clock.tolist()
+            if diverged:
+                self.fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning "
+                          f"rates too high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} "
+                          f"TIED_EMBED_LR={args.tied_embed_lr} SSM_LR={args.ssm_lr})")
             step_avg = train_ms / step
             stop = step >= args.iterations or (cap_ms > 0 and train_ms + step_avg + reserve_ms > cap_ms)
             if step % args.train_log_every == 0 or step <= 10 or stop:
@@ -1403,24 +1402,23 @@ class Run:
         return loader, train_ms
 
     def calibrate(self, loader: TokenLoader, batches: int, train_ms: float) -> dict[str, Tensor] | None:
-        """GPTQ's Hessians from the next training batches, timed as training; None without calibration."""
+        """GPTQ's Hessians from the next training batches, timed as training."""
         if not batches:
             return None
-        args, t = self.args, time.perf_counter()
-        hessians = self.hessians(loader.next_batch(self.local_tokens, args.train_seq_len, self.device)[0]
-                                 for _ in range(batches))
+        t = time.perf_counter()
+        hessians = self.hessians(self.batch(loader)[0] for _ in range(batches))
         self.sync()
         calib_ms = 1000 * (time.perf_counter() - t)
         train_ms += calib_ms
         self.log(f"gptq: Hessians of {len(hessians)} matrices from {batches * self.world * self.local_tokens} "
                  f"training tokens in {calib_ms:.0f}ms; training + calibration {train_ms:.0f}ms")
-        over_ms = train_ms - 1000 * args.max_wallclock_seconds
-        if args.max_wallclock_seconds > 0 and over_ms > 0:
-            self.log(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {over_ms:.0f}ms")
+        cap_ms = 1000 * self.args.max_wallclock_seconds
+        if cap_ms > 0 and train_ms > cap_ms:
+            self.log(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - cap_ms:.0f}ms")
         return hessians
 
     def timed(self, score, what: str, artifact: bool = True, hint: str = "") -> tuple[float, float, float]:
-        """(val_loss, val_bpb, seconds) of score(); a val_loss that is not finite ends the run."""
+        """(val_loss, val_bpb, seconds) of score(); a loss that is not finite ends the run."""
         t = time.perf_counter()
         vl, vb = score()
         if not math.isfinite(vl):
@@ -1428,17 +1426,17 @@ class Run:
         return vl, vb, time.perf_counter() - t
 
     def score_pre_export(self):
-        vl, vb, secs = self.timed(lambda: evaluate(self.compiled, self.val), "the EMA weights' pre-export val_loss",
-                                  artifact=False)
-        self.log(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{secs:.1f}s")
+        vl, vb, s = self.timed(lambda: evaluate(self.compiled, self.val), "the EMA weights' pre-export val_loss",
+                               artifact=False)
+        self.log(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{s:.1f}s")
 
     def export_artifact(self, hessians: dict[str, Tensor] | None) -> tuple[bytes, int]:
-        """Rank 0 writes the artifact; every rank reads it back from disk, and all must read the same bytes. Returns
-        them and the exit code: 3 when code and model pass the cap (the run still scores)."""
-        args, t = self.args, time.perf_counter()
+        """Rank 0 writes the artifact; every rank scores it as read back from disk, the same bytes on all. Exit
+        code 3 when code and model pass the cap; the run still scores."""
+        args, code, cap, t = self.args, self.code_bytes, SIZE_CAP_BYTES, time.perf_counter()
         if self.rank == 0:
             bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
-            blob, zeroed = serialize(self.model.state_dict(), bits, SIZE_CAP_BYTES - len(self.code), hessians)
+            blob, zeroed = serialize(self.model.state_dict(), bits, cap - code, hessians)
             if zeroed:
                 self.log(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
             with open(args.artifact_path, "wb") as f:
@@ -1453,41 +1451,38 @@ class Run:
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
         self.log(f"artifact sha256:{digests[0]} (the same bytes on all {self.world} ranks)")
-        code = len(self.code)
         total = len(blob) + code
         label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or int6/int5
         self.log(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in "
                  f"{time.perf_counter() - t:.1f}s")
-        self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; "
-                 f"cap {SIZE_CAP_BYTES})")
-        if total <= SIZE_CAP_BYTES:
+        self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; cap {cap})")
+        if total <= cap:
             return blob, 0
-        self.log(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
+        self.log(f"ERROR: submission is {total - cap} bytes over the {cap}-byte cap")
         return blob, 3
 
     def score(self, blob: bytes):
-        """The artifact's score with flat windows and in EVAL_MODE, then after test-time training; the last is the
-        final one."""
-        args, val = self.args, self.val
+        """Flat windows, EVAL_MODE, then test-time training: the last is the final score."""
+        args, val, compiled = self.args, self.val, self.compiled
         self.model.load_state_dict(deserialize(blob))
-        strides = {"flat": 0, "sliding": args.eval_stride}  # the window modes' strides (0: consecutive windows)
+        strides = {"flat": 0, "sliding": args.eval_stride}
         for mode in dict.fromkeys(("flat", args.eval_mode)):
             score = (lambda: evaluate_stateful(self.model, val)) if mode == "stateful" else \
-                (lambda: evaluate(self.compiled, val, strides[mode]))
-            vl, vb, secs = self.timed(score, f"the reloaded artifact's {mode} val_loss")
-            self.log(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{secs:.1f}s")
+                (lambda: evaluate(compiled, val, strides[mode]))
+            vl, vb, s = self.timed(score, f"the reloaded artifact's {mode} val_loss")
+            self.log(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{s:.1f}s")
         if args.ttt_epochs > 0:
-            vl, vb, secs = self.timed(lambda: evaluate_ttt(self.compiled, val, strides[args.eval_mode], args),
-                                      "the val_loss after test-time training", hint=f" (TTT_LR={args.ttt_lr})")
-            self.log(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{secs:.1f}s")
+            vl, vb, s = self.timed(lambda: evaluate_ttt(compiled, val, strides[args.eval_mode], args),
+                                   "the val_loss after test-time training", hint=f" (TTT_LR={args.ttt_lr})")
+            self.log(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{s:.1f}s")
         self.log(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
 
     def end(self, exit_code: int):
         if self.distributed:
             dist.destroy_process_group()
+            # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
+            # active exception") once all is written, so the process ends here.
             if not self.cuda:
-                # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
-                # active exception") once all is written, so the process ends here.
                 sys.stdout.flush(), sys.stderr.flush()
                 os._exit(exit_code)
         if exit_code:
