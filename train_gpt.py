@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ----------------------------------------------------------------------------- hyperparameters
+
+# --- settings
 
 
 def int_list(s: str) -> list[int]:
@@ -35,80 +36,80 @@ def int_list(s: str) -> list[int]:
 
 
 class Hyperparameters:
-    """Every setting comes from an environment variable of the upper-case name, with the default shown."""
+    """Every setting comes from an environment variable of the upper-case name, with the default shown, read as the
+    default's type."""
 
-    def __init__(self, env=os.environ):
-        def get(name, default, cast=str):
-            value = env.get(name.upper(), default)
+    def __init__(self, environ=os.environ):
+        def env(name, default, cast=None):
+            value, cast = environ.get(name.upper(), default), cast or type(default)
             try:
-                return cast(value)
+                setattr(self, name, cast(value))
             except ValueError:
                 raise ValueError(f"{name.upper()}={value!r} is not a valid {cast.__name__}") from None
 
-        self.data_path = get("data_path", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = get("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
-        self.run_id = get("run_id", str(uuid.uuid4()))
-        self.seed = get("seed", 1337, int)
+        env("data_path", "./data/datasets/fineweb10B_sp1024")
+        env("tokenizer_path", "./data/tokenizers/fineweb_1024_bpe.model")
+        env("run_id", str(uuid.uuid4()))
+        env("seed", 1337)
         # model
-        self.vocab_size = get("vocab_size", 1024, int)
-        self.num_layers = get("num_layers", 9, int)
-        self.model_dim = get("model_dim", 512, int)
-        self.num_heads = get("num_heads", 8, int)
-        self.num_kv_heads = get("num_kv_heads", 4, int)
-        self.mlp_mult = get("mlp_mult", 3, int)
-        self.logit_softcap = get("logit_softcap", 30.0, float)
-        self.rope_base = get("rope_base", 10000.0, float)
-        self.qk_gain_init = get("qk_gain_init", 1.5, float)
-        self.tied_embed_init_std = get("tied_embed_init_std", 0.005, float)
-        self.value_embed_dim = get("value_embed_dim", 128, int)  # a token embedding added to attention's values
-        self.value_embed_layers = get("value_embed_layers", 2, int)  # ... in the last this many layers (or all)
-        self.ssm_inner = get("ssm_inner", self.model_dim // 4, int)  # the Mamba branch's width (d_inner)
-        # the layers whose mixer has a Mamba branch, e.g. "0,4"; empty: attention only, the control for the SSM
-        self.ssm_layers = get("ssm_layers", "0", int_list)
-        self.ssm_state = get("ssm_state", 4, int)
-        self.ssm_conv = get("ssm_conv", 4, int)
-        self.ssm_dt_rank = get("ssm_dt_rank", 32, int)
-        self.dt_min = get("dt_min", 1e-3, float)
-        self.dt_max = get("dt_max", 1e-1, float)
-        self.scan_impl = get("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
-        self.conv_impl = get("conv_impl", "auto")  # auto | causal_conv1d | torch
+        env("vocab_size", 1024)
+        env("num_layers", 9)
+        env("model_dim", 512)
+        env("num_heads", 8)
+        env("num_kv_heads", 4)
+        env("mlp_mult", 3)
+        env("logit_softcap", 30.0)
+        env("rope_base", 10000.0)
+        env("qk_gain_init", 1.5)
+        env("tied_embed_init_std", 0.005)
+        env("value_embed_dim", 128)  # a token embedding added to attention's values
+        env("value_embed_layers", 2)  # ... in the last this many layers (or all)
+        env("ssm_inner", self.model_dim // 4)  # the Mamba branch's width (d_inner)
+        env("ssm_layers", "0", int_list)  # the layers with a Mamba branch, e.g. "0,4"; none: attention only
+        env("ssm_state", 4)
+        env("ssm_conv", 4)
+        env("ssm_dt_rank", 32)
+        env("dt_min", 1e-3)
+        env("dt_max", 1e-1)
+        env("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
+        env("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
-        self.train_seq_len = get("train_seq_len", 2048, int)
-        self.train_batch_tokens = get("train_batch_tokens", 1048576, int)
-        self.grad_accum_steps = get("grad_accum_steps", 0, int)  # 0: 8 // world_size
-        self.iterations = get("iterations", 20000, int)
-        self.max_wallclock_seconds = get("max_wallclock_seconds", 600.0, float)
-        self.warmdown_frac = get("warmdown_frac", 0.35, float)
-        self.warmup_steps = get("warmup_steps", 20, int)
-        self.train_log_every = get("train_log_every", 200, int)
-        self.val_loss_every = get("val_loss_every", 0, int)
-        self.compile = get("compile", int(torch.cuda.is_available()), int)
+        env("train_seq_len", 2048)
+        env("train_batch_tokens", 1048576)
+        env("grad_accum_steps", 0)  # 0: 8 // world_size
+        env("iterations", 20000)
+        env("max_wallclock_seconds", 600.0)
+        env("warmdown_frac", 0.35)
+        env("warmup_steps", 20)
+        env("train_log_every", 200)
+        env("val_loss_every", 0)
+        env("compile", int(torch.cuda.is_available()))
         # optimizers
-        self.matrix_lr = get("matrix_lr", 0.04, float)
-        self.scalar_lr = get("scalar_lr", 0.04, float)
-        self.ssm_lr = get("ssm_lr", 0.004, float)
-        self.tied_embed_lr = get("tied_embed_lr", 0.05, float)
-        self.muon_momentum = get("muon_momentum", 0.95, float)
-        self.muon_momentum_warmup_start = get("muon_momentum_warmup_start", 0.85, float)
-        self.muon_momentum_warmup_steps = get("muon_momentum_warmup_steps", 500, int)
-        self.muon_wd = get("muon_wd", 0.04, float)
-        self.beta1 = get("beta1", 0.9, float)
-        self.beta2 = get("beta2", 0.95, float)
-        self.adam_eps = get("adam_eps", 1e-8, float)
-        self.grad_clip_norm = get("grad_clip_norm", 0.0, float)
-        self.ema_decay = get("ema_decay", 0.997, float)
+        env("matrix_lr", 0.04)
+        env("scalar_lr", 0.04)
+        env("ssm_lr", 0.004)
+        env("tied_embed_lr", 0.05)
+        env("muon_momentum", 0.95)
+        env("muon_momentum_warmup_start", 0.85)
+        env("muon_momentum_warmup_steps", 500)
+        env("muon_wd", 0.04)
+        env("beta1", 0.9)
+        env("beta2", 0.95)
+        env("adam_eps", 1e-8)
+        env("grad_clip_norm", 0.0)
+        env("ema_decay", 0.997)
         # evaluation and export
-        self.eval_seq_len = get("eval_seq_len", self.train_seq_len, int)
-        self.eval_mode = get("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
-        self.eval_stride = get("eval_stride", 64, int)  # sliding windows' stride
-        self.ttt_epochs = get("ttt_epochs", 3, int)  # score-first test-time training after the scoring above; 0: none
-        self.ttt_lr = get("ttt_lr", 0.02, float)
-        self.ttt_chunk_tokens = get("ttt_chunk_tokens", 32768, int)
-        self.val_batch_tokens = get("val_batch_tokens", 524288, int)
-        self.artifact_path = get("artifact_path", "final_model.int6.ptz")
-        self.gptq_calib_tokens = get("gptq_calib_tokens", 524288, int)  # training tokens for GPTQ's Hessians; 0: rounding
-        self.mixer_bits = get("mixer_bits", 6, int)  # attention and SSM block matrices
-        self.mlp_bits = get("mlp_bits", 6, int)
+        env("eval_seq_len", self.train_seq_len)
+        env("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
+        env("eval_stride", 64)  # sliding windows' stride
+        env("ttt_epochs", 3)  # score-first test-time training after the scoring; 0: none
+        env("ttt_lr", 0.02)
+        env("ttt_chunk_tokens", 32768)
+        env("val_batch_tokens", 524288)
+        env("artifact_path", "final_model.int6.ptz")
+        env("gptq_calib_tokens", 524288)  # GPTQ's calibration tokens; 0: rounding
+        env("mixer_bits", 6)  # attention and SSM block matrices
+        env("mlp_bits", 6)
 
     @property
     def train_files(self):
@@ -123,7 +124,7 @@ class Hyperparameters:
         return f"logs/{self.run_id}.txt"
 
     def check(self, world: int = 1, rank: int = 0):
-        """Refuse, before anything runs, settings no run can finish with, naming each variable and its value.
+        """Refuses, before anything runs, settings no run can finish with, naming each variable and its value;
         GRAD_ACCUM_STEPS=0 becomes 8 // world."""
         def need(ok: bool, msg: str):
             if not ok:
@@ -159,60 +160,7 @@ class Hyperparameters:
                                  f"{e.strerror}") from None
 
 
-# ----------------------------------------------------------------------------- Muon
-
-
-def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in g (..., rows, cols) with a quintic Newton-Schulz
-    iteration."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
-    Each rank orthogonalises every world_size-th matrix, those of one shape in one batch, and one all-reduce
-    shares the results."""
-
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        for group in self.param_groups:
-            params, momentum = group["params"], group["momentum"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            chunks = flat.split([p.numel() for p in params])
-            by_shape = collections.defaultdict(list)
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    by_shape[p.shape].append(i)
-            for shape, idx in by_shape.items():
-                grads = [params[i].grad for i in idx]
-                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, grads)
-                update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
-                update *= max(1.0, shape[0] / shape[1]) ** 0.5
-                for i, u in zip(idx, update):
-                    chunks[i].copy_(u.flatten())
-            if distributed:
-                dist.all_reduce(flat)
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], alpha=-group["lr"])
-
-
-# ----------------------------------------------------------------------------- tokenizer-agnostic evaluation
+# --- data: tokenizer byte counts, shards, loader
 
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
@@ -248,156 +196,6 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     return base[tgt] + (space[tgt] & ~boundary[prev]).long()
 
 
-def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of windows over n input positions: every position is scored exactly once,
-    each after at least seq_len - stride positions of context (all before it in the first window)."""
-    if stride <= 0 or stride >= seq_len:
-        return [(s, s) for s in range(0, n, seq_len)]
-    windows = [(0, 0)]
-    while windows[-1][0] + seq_len < n:
-        start = windows[-1][0] + stride
-        windows.append((start, start + seq_len - stride))
-    return windows
-
-
-def autocast(device: torch.device):
-    """bf16 on CUDA, full precision elsewhere."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-
-def evaluate(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
-    """Exact (val_loss in nats per token, val_bpb) over the whole split, windows split across ranks."""
-    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
-    return _reduce_scores(score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world), world)
-
-
-@torch.no_grad()
-def score_windows(model, val_tokens: Tensor, windows, luts, seq_len: int, batch_seqs: int, rank: int, world: int) -> Tensor:
-    """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
-    per_rank = -(-len(windows) // world)
-    mine = windows[rank * per_rank : (rank + 1) * per_rank]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
-    model.eval()
-    for i in range(0, max(len(mine), 1), batch_seqs):
-        batch = mine[i : i + batch_seqs]
-        x = torch.zeros(batch_seqs, seq_len, dtype=torch.long)
-        y = torch.zeros_like(x)
-        scored = torch.zeros(batch_seqs, seq_len, dtype=torch.bool)
-        for j, (start, first) in enumerate(batch):
-            end = min(start + seq_len, n)
-            x[j, : end - start] = val_tokens[start:end]
-            y[j, : end - start] = val_tokens[start + 1 : end + 1]
-            scored[j, first - start : end - start] = True
-        sums += _scored_sums(model, x, y, scored, luts)
-    model.train()
-    return sums
-
-
-def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
-    """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
-    if chunk <= 0 or chunk % (seq_len * world):
-        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = {seq_len * world}")
-    chunks = [[] for _ in range(-(-n // chunk))]
-    for start, first in eval_windows(n, seq_len, stride):
-        chunks[first // chunk].append((start, first))
-    return chunks
-
-
-def evaluate_ttt(model, val_tokens: Tensor, luts, seq_len: int, stride: int, batch_seqs: int, args, rank: int, world: int):
-    """Score-first test-time training: the rules allow training on validation tokens only once they are scored.
-    The split is read in chunks of TTT_CHUNK_TOKENS. A chunk's windows (flat, or sliding with stride) are scored
-    with the weights trained on the chunks before it; then the chunk's tokens train every weight for TTT_EPOCHS
-    steps of SGD with momentum (its sequences split across ranks), at an LR falling over the chunks as a cosine.
-    Returns the exact (val_loss, val_bpb) of the scores; leaves the model trained."""
-    device, chunk = luts[0].device, args.ttt_chunk_tokens
-    chunks = ttt_chunks(val_tokens.numel() - 1, seq_len, stride, chunk, world)
-    batch_seqs = min(batch_seqs, -(-max(map(len, chunks)) // world))
-    seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    for c, windows in enumerate(chunks):
-        sums += score_windows(model, val_tokens, windows, luts, seq_len, batch_seqs, rank, world)
-        if c == len(chunks) - 1:
-            break
-        lo = c * chunk + rank * seqs * seq_len
-        tokens = val_tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
-        x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
-        opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
-        for _ in range(args.ttt_epochs):
-            with autocast(device):
-                loss = model(x, y)
-            loss.backward()
-            if world > 1:  # one all-reduce for all gradients
-                flat = torch.cat([p.grad.flatten() for p in params])
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad.copy_(g.view_as(p))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return _reduce_scores(sums, world)
-
-
-def _scored_sums(model, x: Tensor, y: Tensor, scored: Tensor, luts, **kwargs) -> Tensor:
-    """(summed loss, tokens, bytes) over the scored positions of one batch of windows."""
-    device = luts[0].device
-    x, y, scored = x.to(device), y.to(device), scored.to(device)
-    with autocast(device):
-        logits = model(x, **kwargs)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    return torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
-
-
-def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
-    if world > 1:
-        dist.all_reduce(sums)
-    loss, tokens, nbytes = sums.tolist()
-    return loss / tokens, loss / math.log(2) / nbytes
-
-
-def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
-    """(read_from, score_from, end) of each of `streams` contiguous streams over n positions, each position scored
-    in exactly one. Stream 0 scores from the start; every later one first reads the seq_len positions before its
-    part unscored, as context. All read the same length (seq_len + span), up to the split's end."""
-    span = max(-(-(n - seq_len) // streams), 1)
-    spans = [(0, 0, min(n, seq_len + span))]
-    for i in range(1, streams):
-        start = min(n, seq_len + i * span)
-        spans.append((max(start - seq_len, 0), start, min(n, start + span)))
-    return spans
-
-
-@torch.no_grad()
-def evaluate_stateful(model, val_tokens: Tensor, luts, seq_len: int, lanes: int, rank: int, world: int):
-    """Exact (val_loss, val_bpb) with the split cut into world * lanes streams (stream_spans), each read in
-    consecutive windows that carry the SSM state, the conv tail and the previous window's keys and values: every
-    token is scored once, after at least seq_len tokens of attention context (except in the split's first window) and with
-    its stream's whole history in the SSM. Runs eagerly; the scan starts from a state, which the Triton kernel
-    (on CUDA) and the torch scan can do, mamba-ssm's cannot."""
-    device = luts[0].device
-    n = val_tokens.numel() - 1
-    spans = stream_spans(n, seq_len, world * lanes)[rank * lanes : (rank + 1) * lanes]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    carry = [{} for _ in model.blocks]
-    model.eval()
-    for offset in range(0, max(e - r for r, _, e in spans), seq_len):
-        x, y = torch.zeros(lanes, seq_len, dtype=torch.long), torch.zeros(lanes, seq_len, dtype=torch.long)
-        scored = torch.zeros(lanes, seq_len, dtype=torch.bool)
-        for lane, (read_from, score_from, end) in enumerate(spans):
-            lo, hi = read_from + offset, min(read_from + offset + seq_len, end)
-            if hi > lo:
-                x[lane, : hi - lo], y[lane, : hi - lo] = val_tokens[lo:hi], val_tokens[lo + 1 : hi + 1]
-                scored[lane, max(score_from - lo, 0) : hi - lo] = True
-        sums += _scored_sums(model, x, y, scored, luts, carry=carry)
-    model.train()
-    return _reduce_scores(sums, world)
-
-
-# ----------------------------------------------------------------------------- data
-
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
@@ -413,7 +211,8 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
         raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     count = int(header[2])
     if size != 4 * HEADER_INTS + 2 * count:
-        raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), file has {size} bytes")
+        raise ValueError(f"{path}: header says {count} tokens ({4 * HEADER_INTS + 2 * count} bytes), "
+                         f"file has {size} bytes")
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))  # read when used
     if count and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
@@ -462,7 +261,7 @@ class TokenLoader:
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
 
-# ----------------------------------------------------------------------------- selective scan and causal conv
+# --- selective scan and causal conv
 # Mamba-1 recurrence per channel d and state n, with dt = softplus(delta + delta_bias):
 #     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    out_t = y_t silu(z_t)
 # Every backend takes the model's layout, u/delta/z (batch, time, d_inner) and B/C (batch, time, d_state), and
@@ -501,6 +300,13 @@ def _empty(*like: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like)
 
 
+ScanGrads = tuple[(Tensor,) * 8]
+
+
+def _fake_grads(dout, u, delta, A, B, C, D, z, delta_bias, *saved):
+    return _empty(u, delta, A, B, C, D, z, delta_bias)
+
+
 def _scan_terms(u, delta, A, B, C, delta_bias):
     """Shared by the torch forward and backward: dt, u, B, C, the decays a and the states h, in fp32."""
     dt = F.softplus(_f32(delta) + delta_bias)
@@ -531,7 +337,7 @@ def _(u, delta, A, B, C, D, z, delta_bias):
 
 @torch.library.custom_op("hymba::scan_bwd", mutates_args=())
 def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                   delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   delta_bias: Tensor) -> ScanGrads:
     dt, uf, Bf, Cf, a, h = _scan_terms(u, delta, A, B, C, delta_bias)
     zf, do = _f32(z), _f32(dout)
     y = torch.einsum("btdn,btn->btd", h, Cf) + D * uf
@@ -550,9 +356,7 @@ def torch_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return tuple(t.contiguous() for t in grads)
 
 
-@torch_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
+torch_scan_bwd.register_fake(_fake_grads)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -560,7 +364,8 @@ def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *(output[1:] if isinstance(output, tuple) else ()))
 
 
-torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors), setup_context=_save_for_backward)
+torch_scan_fwd.register_autograd(lambda ctx, dout: torch_scan_bwd(dout, *ctx.saved_tensors),
+                                 setup_context=_save_for_backward)
 
 
 @torch.library.custom_op("hymba::mamba_scan_fwd", mutates_args=())
@@ -581,8 +386,7 @@ def _(u, delta, A, B, C, D, z, delta_bias):
 
 @torch.library.custom_op("hymba::mamba_scan_bwd", mutates_args=())
 def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                   delta_bias: Tensor, out: Tensor, states: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   delta_bias: Tensor, out: Tensor, states: Tensor) -> ScanGrads:
     import selective_scan_cuda
 
     du, ddelta, dA, dB, dC, dD, dbias, dz = selective_scan_cuda.bwd(
@@ -590,11 +394,7 @@ def mamba_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return du, ddelta, dA, dB.squeeze(1).contiguous(), dC.squeeze(1).contiguous(), dD, dz, dbias
 
 
-@mamba_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, out, states):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
-
-
+mamba_scan_bwd.register_fake(_fake_grads)
 mamba_scan_fwd.register_autograd(lambda ctx, dout, *_: mamba_scan_bwd(dout.contiguous(), *ctx.saved_tensors),
                                  setup_context=_save_for_backward)
 
@@ -623,7 +423,8 @@ if triton is not None:
         return a1 * a2, b1 * a2 + b2
 
     @triton.jit
-    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K: tl.constexpr, N: tl.constexpr):
+    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm,
+                    K: tl.constexpr, N: tl.constexpr):
         """Offsets and mask of chunk c's (time, channel) tile, its fp32 u, delta + bias, dt = softplus(delta + bias)
         (0 past the end, so the state passes through unchanged), B, C, the decays a and the states h."""
         t = c * K + tl.arange(0, K)
@@ -663,7 +464,8 @@ if triton is not None:
         h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
         for c in range(NC):
             tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
-            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI, d, n, dm, nm, K, N)
+            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI,
+                                                           d, n, dm, nm, K, N)
             y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
             z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
@@ -682,7 +484,8 @@ if triton is not None:
         for cc in range(NC):
             c = NC - 1 - cc
             h0 = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=dn, other=0.0)
-            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm, K, N)
+            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T,
+                                                              DI, d, n, dm, nm, K, N)
             z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
             y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
@@ -691,7 +494,8 @@ if triton is not None:
             # dL/dh_t = dy_t C_t + a_{t+1} dL/dh_{t+1}: a scan backwards in time over (a_{t+1}, dy_t C_t)
             a_next = tl.gather(a, tl.minimum(rows + 1, K - 1) + tl.zeros_like(a).to(tl.int32), 0)
             last = rows == K - 1
-            _, g = tl.associative_scan((tl.where(last, 0.0, a_next), dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
+            _, g = tl.associative_scan((tl.where(last, 0.0, a_next),
+                                        dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
                                        0, _combine, reverse=True)
             dlog_a = g * (hs - bx)  # dL/dh_t * a_t h_{t-1}
             gB = tl.sum(g * Bt[:, None, :], axis=2)
@@ -738,7 +542,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0):
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                    delta_bias: Tensor, ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
     (b, nblk), nc, np2 = _scan_grid(u, A)
     T, di, n = u.size(1), u.size(2), A.size(1)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -748,13 +552,11 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
                                 dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK,
                                 num_warps=SCAN_WARPS)
-    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(), dC.sum(1)[..., :n].to(C.dtype).contiguous(),
-            dD.sum(0), dz, dbias.sum(0))
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
+            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
 
 
-@triton_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
-    return _empty(u, delta, A, B, C, D, z, delta_bias)
+triton_scan_bwd.register_fake(_fake_grads)
 
 
 def _triton_scan_backward(ctx, dout, _):
@@ -832,11 +634,9 @@ def selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, *state):
     return scan_fn(u, cast(delta), A.float(), cast(B), cast(C), D.float(), cast(z), delta_bias.float(), *state)
 
 
-# ----------------------------------------------------------------------------- model: Hymba block, GPT
-
-
+# --- model: Hymba mixer, MLP, block, GPT
 # The SSM's A/dt path, conv and D skip: Adam at a low LR in training (Muon's orthogonalised, rescaled updates
-# blow up the 512x32 dt projection), kept at fp16 in the export.
+# blow up the low-rank dt projection), kept at fp16 in the export.
 SSM_SENSITIVE = ("A_log", "dt_proj", "dt_bias", "conv_", "D_skip")
 
 
@@ -880,17 +680,21 @@ class HymbaMixer(nn.Module):
         self.q_proj = CastedLinear(dim, dim)
         self.in_proj = CastedLinear(dim, sum(self.splits))  # [K | V | x_ssm | z]
         self.q_gain = nn.Parameter(torch.full((self.heads,), args.qk_gain_init))
-        self.register_buffer("inv_freq", args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim), persistent=False)
+        inv_freq = args.rope_base ** (-torch.arange(0, self.head_dim, 2) / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         if self.d_inner:
-            self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-args.ssm_conv**-0.5, args.ssm_conv**-0.5))
+            bound = args.ssm_conv**-0.5
+            self.conv_weight = nn.Parameter(torch.empty(self.d_inner, args.ssm_conv).uniform_(-bound, bound))
             self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
             self.x_proj = CastedLinear(self.d_inner, self.dt_rank + 2 * self.d_state)
             self.dt_proj = CastedLinear(self.dt_rank, self.d_inner)
             nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
             # Mamba's dt init: dt log-uniform in [dt_min, dt_max], bias = softplus^-1(dt)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(args.dt_max) - math.log(args.dt_min)) + math.log(args.dt_min))
+            lo, hi = math.log(args.dt_min), math.log(args.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner) * (hi - lo) + lo)
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+            self.A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))
             self.D_skip = nn.Parameter(torch.ones(self.d_inner))
             self.ssm_out = CastedLinear(self.d_inner, dim)
             self.merge_alpha = nn.Parameter(torch.zeros(()))
@@ -899,8 +703,8 @@ class HymbaMixer(nn.Module):
     def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
         """value_embed: added to the values (B, T, kv_dim). carry (stateful evaluation, forward only): this layer's
         state after the previous window of the same sequences ({} before the first), replaced by the state after
-        this one. Queries then also attend to the previous window's keys, up to that window's length back; the
-        conv and the scan continue where it ended."""
+        this one; queries also attend to that window's keys, up to its length back, and the conv and the scan
+        continue where it ended."""
         B, T, _ = x.shape
         k, v, *ssm_in = self.in_proj(x).split(self.splits, dim=-1)
         if value_embed is not None:
@@ -913,10 +717,12 @@ class HymbaMixer(nn.Module):
         if carry and "kv" in carry:
             (k_prev, v_prev), P = carry["kv"], carry["kv"][0].size(-2)
             i, j = torch.arange(T, device=x.device)[:, None], torch.arange(P + T, device=x.device)
-            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
-                                                  torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
+            attn = F.scaled_dot_product_attention(
+                rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
+                torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
         else:
-            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, is_causal=True, enable_gqa=gqa)
+            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v,
+                                                  is_causal=True, enable_gqa=gqa)
         # XSA: drop the component of each head's output along its own token's value (that token already reaches
         # the output through the residual), so that the heads spend themselves on the other tokens.
         v_self = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
@@ -976,8 +782,9 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap = args.logit_softcap
         if args.ssm_inner < 1 or not all(0 <= i < args.num_layers for i in args.ssm_layers):
-            raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of 0..{args.num_layers - 1} "
-                             f"and SSM_INNER={args.ssm_inner} be positive (attention only: SSM_LAYERS empty)")
+            raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of "
+                             f"0..{args.num_layers - 1} and SSM_INNER={args.ssm_inner} be positive (attention only: "
+                             "SSM_LAYERS empty)")
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn, i) for i in range(args.num_layers))
@@ -985,7 +792,8 @@ class GPT(nn.Module):
         # each with its own gain, so that those layers' values carry the token's identity at little compute.
         self.value_embed = nn.Embedding(args.vocab_size, args.value_embed_dim)
         nn.init.normal_(self.value_embed.weight, std=0.02)
-        self.value_proj = CastedLinear(args.value_embed_dim, self.blocks[0].mixer.splits[1], zero_init=True)  # to V's width
+        kv_dim = self.blocks[0].mixer.splits[1]
+        self.value_proj = CastedLinear(args.value_embed_dim, kv_dim, zero_init=True)
         if args.value_embed_layers < 1:
             raise ValueError(f"VALUE_EMBED_LAYERS={args.value_embed_layers} must be at least 1")
         self.value_gains = nn.Parameter(torch.ones(min(args.value_embed_layers, args.num_layers)))
@@ -1006,12 +814,233 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-# ----------------------------------------------------------------------------- quantization and export
-# Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip chosen from a few ratios
-# of its max by squared error, rounded by GPTQ on Hessians from training data read inside the training window
-# (a rule of the challenge). The SSM's A/dt path, conv, D, the token and value embedding tables (at int8 they
-# cost 0.0023-0.0024 bpb on P1 for ~0.57 MB) and every small tensor: fp16. An artifact over the cap is made to
-# fit by zeroing the cheapest +-1 entries of the block matrices.
+def autocast(device: torch.device):
+    """bf16 on CUDA, full precision elsewhere."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- optimizers: Muon, Adam, LR schedule
+
+
+def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
+    """Approximate the orthogonal factor U V^T of each matrix in g (..., rows, cols) with a quintic Newton-Schulz
+    iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose 2-D updates are orthogonalised; decoupled weight decay.
+    Each rank orthogonalises every world_size-th matrix, those of one shape in one batch, and one all-reduce
+    shares the results."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params, momentum = group["params"], group["momentum"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            chunks = flat.split([p.numel() for p in params])
+            by_shape = collections.defaultdict(list)
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    by_shape[p.shape].append(i)
+            for shape, idx in by_shape.items():
+                grads = [params[i].grad for i in idx]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g))
+                        for i, g in zip(idx, grads)]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                update = newton_schulz(torch.stack(torch._foreach_add(grads, bufs, alpha=momentum)))
+                update *= max(1.0, shape[0] / shape[1]) ** 0.5
+                for i, u in zip(idx, update):
+                    chunks[i].copy_(u.flatten())
+            if distributed:
+                dist.all_reduce(flat)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], alpha=-group["lr"])
+
+
+def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
+    """Muon for the projection matrices; Adam for the embeddings (token, value), for the SSM's sensitive tensors
+    (at SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
+    named = dict(model.named_parameters())
+    ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
+    ssm_ids = {id(p) for p in ssm}
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
+    embeddings = [model.tok_emb.weight, model.value_embed.weight]
+    seen = ssm_ids | {id(p) for p in matrices + embeddings}
+    others = [p for p in named.values() if id(p) not in seen]
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
+    optimizers = [
+        torch.optim.Adam([{"params": embeddings, "lr": args.tied_embed_lr},
+                          {"params": ssm, "lr": args.ssm_lr}, {"params": others, "lr": args.scalar_lr}], **adam),
+        Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
+    ]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the last warmdown_frac of the run, then a cosine down to 0."""
+    start = 1.0 - warmdown_frac
+    if progress <= start or warmdown_frac <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - start) / warmdown_frac)))
+
+
+# --- evaluation: windows, scoring, stateful, test-time training
+# The validation split as one rank of world scores it, batch_seqs windows (stateful: streams) per batch.
+ValSplit = collections.namedtuple("ValSplit", "tokens luts seq_len batch_seqs rank world", defaults=(0, 1))
+
+
+def eval_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) of windows over n input positions: every position is scored exactly once,
+    each after at least seq_len - stride positions of context (all before it in the first window)."""
+    if stride <= 0 or stride >= seq_len:
+        return [(s, s) for s in range(0, n, seq_len)]
+    windows = [(0, 0)]
+    while windows[-1][0] + seq_len < n:
+        start = windows[-1][0] + stride
+        windows.append((start, start + seq_len - stride))
+    return windows
+
+
+@torch.no_grad()
+def score_rows(model, val: ValSplit, batches, **kwargs) -> Tensor:
+    """(summed loss, tokens, bytes) over batches of rows (read_from, score_from, end), padded to val.batch_seqs:
+    a row reads the tokens from read_from up to end and scores its targets from score_from."""
+    device = val.luts[0].device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    model.eval()
+    for rows in batches:
+        x = torch.zeros(val.batch_seqs, val.seq_len, dtype=torch.long)
+        y, scored = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
+        for j, (lo, first, hi) in enumerate(rows):
+            if hi > lo:
+                x[j, : hi - lo], y[j, : hi - lo] = val.tokens[lo:hi], val.tokens[lo + 1 : hi + 1]
+                scored[j, max(first - lo, 0) : hi - lo] = True
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        with autocast(device):
+            logits = model(x, **kwargs)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        sums += torch.stack([nll[scored].double().sum(), scored.sum(), target_bytes(x, y, val.luts)[scored].sum()])
+    model.train()
+    return sums
+
+
+def _reduce_scores(sums: Tensor, world: int) -> tuple[float, float]:
+    if world > 1:
+        dist.all_reduce(sums)
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes
+
+
+def score_windows(model, val: ValSplit, windows) -> Tensor:
+    """(summed loss, tokens, bytes) over this rank's share of the windows (eval_windows' (start, first scored))."""
+    n, per_rank, b = val.tokens.numel() - 1, -(-len(windows) // val.world), val.batch_seqs
+    mine = [(s, first, min(s + val.seq_len, n))
+            for s, first in windows[val.rank * per_rank : (val.rank + 1) * per_rank]]
+    return score_rows(model, val, (mine[i : i + b] for i in range(0, max(len(mine), 1), b)))
+
+
+def evaluate(model, val: ValSplit, stride: int = 0):
+    """Exact (val_loss in nats per token, val_bpb) of the split in windows (flat at stride 0) split across ranks."""
+    windows = eval_windows(val.tokens.numel() - 1, val.seq_len, stride)
+    return _reduce_scores(score_windows(model, val, windows), val.world)
+
+
+def stream_spans(n: int, seq_len: int, streams: int) -> list[tuple[int, int, int]]:
+    """(read_from, score_from, end) of `streams` contiguous streams over n positions, each position scored in
+    exactly one. Each but the first reads the seq_len positions before its part as unscored context; all read
+    seq_len + span positions, up to the split's end."""
+    span = max(-(-(n - seq_len) // streams), 1)
+    spans = [(0, 0, min(n, seq_len + span))]
+    for i in range(1, streams):
+        start = min(n, seq_len + i * span)
+        spans.append((max(start - seq_len, 0), start, min(n, start + span)))
+    return spans
+
+
+def evaluate_stateful(model, val: ValSplit):
+    """Exact (val_loss, val_bpb) over world * batch_seqs streams (stream_spans), each read in consecutive windows
+    that carry the SSM state, the conv tail and the previous window's keys and values: every token is scored once,
+    after at least seq_len tokens of attention context (but in the first window) and with its stream's whole
+    history in the SSM. Eager: the scan starts from a state, which the Triton (CUDA) and torch scans can do."""
+    seq_len, lanes = val.seq_len, val.batch_seqs
+    spans = stream_spans(val.tokens.numel() - 1, seq_len, val.world * lanes)[val.rank * lanes : (val.rank + 1) * lanes]
+    batches = ([(r + offset, first, min(r + offset + seq_len, e)) for r, first, e in spans]
+               for offset in range(0, max(e - r for r, _, e in spans), seq_len))
+    return _reduce_scores(score_rows(model, val, batches, carry=[{} for _ in model.blocks]), val.world)
+
+
+def ttt_chunks(n: int, seq_len: int, stride: int, chunk: int, world: int) -> list[list[tuple[int, int]]]:
+    """eval_windows over n positions grouped by the chunk of chunk positions that holds their first scored one."""
+    if chunk <= 0 or chunk % (seq_len * world):
+        raise ValueError(f"TTT_CHUNK_TOKENS={chunk} must be a positive multiple of EVAL_SEQ_LEN x WORLD_SIZE = "
+                         f"{seq_len * world}")
+    chunks = [[] for _ in range(-(-n // chunk))]
+    for start, first in eval_windows(n, seq_len, stride):
+        chunks[first // chunk].append((start, first))
+    return chunks
+
+
+def evaluate_ttt(model, val: ValSplit, stride: int, args: Hyperparameters):
+    """Score-first test-time training (the rules allow training on validation tokens once they are scored): per
+    chunk of TTT_CHUNK_TOKENS, its windows (flat, or sliding with stride) are scored with the weights trained on the
+    chunks before, then its tokens train every weight for TTT_EPOCHS steps of SGD with momentum (sequences split
+    across ranks), the LR falling over the chunks as a cosine. Returns the exact (val_loss, val_bpb) and leaves
+    the model trained."""
+    device, chunk, seq_len, world = val.luts[0].device, args.ttt_chunk_tokens, val.seq_len, val.world
+    chunks = ttt_chunks(val.tokens.numel() - 1, seq_len, stride, chunk, world)
+    scoring = val._replace(batch_seqs=min(val.batch_seqs, -(-max(map(len, chunks)) // world)))
+    seqs = chunk // (seq_len * world)  # this rank's training sequences per chunk
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=0.9)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    for c, windows in enumerate(chunks):
+        sums += score_windows(model, scoring, windows)
+        if c == len(chunks) - 1:
+            break
+        lo = c * chunk + val.rank * seqs * seq_len
+        tokens = val.tokens[lo : lo + seqs * seq_len + 1].to(device, torch.long)
+        x, y = tokens[:-1].view(seqs, seq_len), tokens[1:].view(seqs, seq_len)
+        opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+        for _ in range(args.ttt_epochs):
+            with autocast(device):
+                loss = model(x, y)
+            loss.backward()
+            if world > 1:  # one all-reduce for all gradients
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return _reduce_scores(sums, world)
+
+
+# --- export: quantization, GPTQ, serialization
+# Large block matrices ("mixer", "mlp"): MIXER_BITS / MLP_BITS per row, each row's clip the ratio of its max with
+# the least squared error, rounded by GPTQ on Hessians of training data read inside the training window (a rule of
+# the challenge). fp16: the SSM's A/dt path, conv and D, the embedding tables (rounding them costs more score than
+# their bytes buy) and every small tensor. An artifact over the cap is fitted by zeroing the cheapest +-1 entries
+# of the block matrices.
 
 QUANT_MIN_NUMEL = 65536
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)
@@ -1020,7 +1049,8 @@ EMBED_TABLES = ("tok_emb.weight", "value_embed.weight")
 
 
 def export_kind(name: str, t: Tensor) -> str:
-    if t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and name not in EMBED_TABLES and not any(s in name for s in SSM_SENSITIVE):
+    if (t.dim() == 2 and t.numel() >= QUANT_MIN_NUMEL and name not in EMBED_TABLES
+            and not any(s in name for s in SSM_SENSITIVE)):
         return "mlp" if ".mlp." in name else "mixer"
     return "fp16"
 
@@ -1039,15 +1069,16 @@ def quantize_rows(w: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
             best_q, best_s, best_err = q, s, err
         else:
             better = err < best_err
-            best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
+            best_q, best_s = torch.where(better, q, best_q), torch.where(better, s, best_s)
+            best_err = torch.minimum(err, best_err)
     return best_q.to(torch.int8), best_s.squeeze(-1).half()
 
 
 def gptq_quantize(w: Tensor, H: Tensor, qmax: int, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al., 2022) with quantize_rows' scales: columns are rounded one at a time, in order of
-    decreasing input energy (H's diagonal), and each rounding error is spread over the columns not yet rounded
-    through the inverse of H = sum of x x^T over the calibration inputs, so that x.w stays close. w: one matrix
-    (rows, cols) or a stack of same-shape ones (n, rows, cols), with H (cols, cols) or (n, cols, cols)."""
+    """GPTQ (Frantar et al., 2022) with quantize_rows' scales: columns are rounded one at a time, by decreasing
+    input energy (H's diagonal), each rounding error spread over the columns not yet rounded through the inverse of
+    H = sum of x x^T over the calibration inputs, so that x.w stays close. w (rows, cols) and H (cols, cols), or
+    stacks of them (n, ...)."""
     _, scale = quantize_rows(w, qmax)
     # float64 copies: no TF32 in the updates, a stable Cholesky, and the caller's tensors stay untouched
     s, w, H = scale.double().unsqueeze(-1), w.to(torch.float64, copy=True), H.to(torch.float64, copy=True)
@@ -1085,7 +1116,7 @@ def gptq_layers(model: nn.Module) -> dict[str, CastedLinear]:
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
-    """GPTQ's H (sum of x x^T, fp32) of the input of every linear layer exported as a block matrix, over the batches."""
+    """GPTQ's H (sum of x x^T, fp32) of the input of every layer exported as a block matrix, over the batches."""
     hessians, hooks = {}, []
     for name, m in gptq_layers(model).items():
         H = hessians[name] = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
@@ -1112,16 +1143,17 @@ def compress(payload: bytes) -> bytes:
 def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | None = None,
               hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
     """Tensors quantized to bits[export kind] (by GPTQ where hessians has the tensor's H, else by rounding) as a
-    JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed).
-    Over max_bytes, block-matrix entries of +-1 are set to 0, those adding the least squared error first, in
-    rounds sized by the bytes the previous round saved, until the artifact fits or none is left."""
+    JSON index and raw little-endian bytes, compressed: (artifact, entries zeroed). Over max_bytes, block-matrix
+    +-1 entries are set to 0, least added squared error first, in rounds sized by the bytes the last round saved,
+    until the artifact fits or none is left."""
     qmax = {kind: 2 ** (b - 1) - 1 for kind, b in bits.items()}
     index, parts, ones = [], [], []  # ones: (added squared error, part, flat position) of each block-matrix +-1
     by_gptq, same_shape = {}, collections.defaultdict(list)  # GPTQ runs on each group of same-shape matrices at once
     for name in hessians or {}:
         same_shape[state[name].shape, export_kind(name, state[name])].append(name)
     for (_, kind), names in same_shape.items():
-        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]), torch.stack([hessians[n] for n in names]), qmax[kind])
+        q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]),
+                                 torch.stack([hessians[n] for n in names]), qmax[kind])
         by_gptq.update(zip(names, zip(q, scale)))
     for name, t in state.items():
         kind = export_kind(name, t)
@@ -1183,271 +1215,291 @@ def deserialize(blob: bytes) -> dict[str, Tensor]:
     return state
 
 
-# ----------------------------------------------------------------------------- training
+# --- training
 
 
-def lr_scale(progress: float, warmdown_frac: float) -> float:
-    """1 until the last warmdown_frac of the run, then a cosine down to 0."""
-    start = 1.0 - warmdown_frac
-    if progress <= start or warmdown_frac <= 0:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - start) / warmdown_frac)))
+class Run:
+    """What the stages of a run share: settings, rank, device, model (plain, compiled, DDP), optimizers, log."""
 
+    def __init__(self, args: Hyperparameters):
+        """Joins the ranks, loads the data, builds the model: all checked before the log opens."""
+        rank, world, self.local_rank = (int(os.environ.get(k, d)) for k, d in
+                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        args.check(world, rank)
+        self.args, self.rank, self.world, self.distributed = args, rank, world, "RANK" in os.environ
+        self.cuda = cuda = torch.cuda.is_available()
+        self.device = device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.distributed:
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        self.local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        luts = byte_luts(load_tokenizer(args.tokenizer_path, args.vocab_size), device)
+        seq_len = args.eval_seq_len
+        tokens = load_validation_tokens(args.val_files, args.vocab_size, seq_len)
+        self.val = ValSplit(tokens, luts, seq_len, max(1, args.val_batch_tokens // (world * seq_len)), rank, world)
+        for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when first read
+            load_shard(path, args.vocab_size)
+        scan_fn, conv_fn, self.backends = resolve_backends(args.scan_impl, args.conv_impl, device)
+        self.model = GPT(args, scan_fn, conv_fn).to(device)
 
-def build_optimizers(args: Hyperparameters, model: GPT, fused: bool):
-    """Muon for the projection matrices; Adam for the embeddings (token, value), for the SSM's sensitive tensors
-    (at SSM_LR) and for every other parameter (gains, scales, merge_alpha)."""
-    named = dict(model.named_parameters())
-    ssm = [p for n, p in named.items() if any(s in n for s in SSM_SENSITIVE)]
-    ssm_ids = {id(p) for p in ssm}
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m.weight) not in ssm_ids]
-    embeddings = [model.tok_emb.weight, model.value_embed.weight]
-    seen = ssm_ids | {id(p) for p in matrices + embeddings}
-    others = [p for p in named.values() if id(p) not in seen]
-    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-    optimizers = [
-        torch.optim.Adam([{"params": embeddings, "lr": args.tied_embed_lr},
-                          {"params": ssm, "lr": args.ssm_lr}, {"params": others, "lr": args.scalar_lr}], **adam),
-        Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd),
-    ]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
-
-
-def main():
-    args = Hyperparameters()
-    distributed = "RANK" in os.environ
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    args.check(world, rank)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    master = rank == 0
-    local_tokens = args.train_batch_tokens // (world * args.grad_accum_steps)
-    bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
-
-    # The data and the model are checked before the log is opened: a refused run leaves none.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = byte_luts(sp, device)
-    val_tokens = load_validation_tokens(args.val_files, args.vocab_size, args.eval_seq_len)
-    for path in shard_paths(args.train_files)[rank::world]:  # every train shard now, not when the loader reaches it
-        load_shard(path, args.vocab_size)
-    scan_fn, conv_fn, backends = resolve_backends(args.scan_impl, args.conv_impl, device)
-    model = GPT(args, scan_fn, conv_fn).to(device)
-
-    os.makedirs("logs", exist_ok=True)
-
-    def log0(msg: str):
-        if master:
+    def log(self, msg: str):
+        if self.rank == 0:
             print(msg, flush=True)
-            with open(args.log_path, "a") as f:
+            with open(self.args.log_path, "a") as f:
                 f.write(msg + "\n")
 
-    def fail(msg: str, artifact: bool = False):  # the reason ends the log; no score is logged, no artifact left
-        if master and artifact:
-            os.remove(args.artifact_path)
-        log0(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
+    def fail(self, msg: str, artifact: bool = False):
+        """Ends the run with the reason as the log's last line; no score, no artifact."""
+        if self.rank == 0 and artifact:
+            os.remove(self.args.artifact_path)
+        self.log(f"ERROR: {msg}; " + ("the artifact is removed" if artifact else "no artifact written"))
         sys.exit(1)
 
-    code = open(__file__, "rb").read()
-    log0(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log0(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:{device_name} "
-         f"world_size:{world} grad_accum_steps:{args.grad_accum_steps}")
-    log0("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
-    log0(f"val: {len(shard_paths(args.val_files))} shards, {val_tokens.numel()} tokens; "
-         f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
-    log0(f"backends: {backends}")
-    log0(f"model: {sum(p.numel() for p in model.parameters())} parameters")
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
-    train_model = compiled
-    if distributed:
-        train_model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    optimizers = build_optimizers(args, model, fused=device.type == "cuda")
-    val_batch_seqs = max(1, args.val_batch_tokens // (world * args.eval_seq_len))
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
-    def train_step(loader: TokenLoader, step: int, scale: float) -> Tensor:
-        total = torch.zeros((), device=device)
-        for micro in range(args.grad_accum_steps):
-            x, y = loader.next_batch(local_tokens, args.train_seq_len, device)
-            if distributed:
-                train_model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
-            with autocast(device):
-                loss = train_model(x, y)
-            (loss / args.grad_accum_steps).backward()
-            total += loss.detach() / args.grad_accum_steps
+    def loader(self) -> TokenLoader:
+        return TokenLoader(self.args.train_files, self.args.vocab_size, self.rank, self.world)
+
+    def batch(self, loader: TokenLoader) -> tuple[Tensor, Tensor]:
+        return loader.next_batch(self.local_tokens, self.args.train_seq_len, self.device)
+
+    def start(self):
+        """Opens the log, then compiles the model and builds the optimizers."""
+        args, model, log, code = self.args, self.model, self.log, open(__file__, "rb").read()
+        os.makedirs("logs", exist_ok=True)
+        self.code_bytes = len(code)
+        log(f"code: {os.path.basename(__file__)} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
+        log(f"env: python {sys.version.split()[0]} torch {torch.__version__} device:"
+            f"{torch.cuda.get_device_name(self.device) if self.cuda else 'cpu'} world_size:{self.world} "
+            f"grad_accum_steps:{args.grad_accum_steps}")
+        log("hyperparameters: " + json.dumps(vars(args), sort_keys=True))
+        log(f"val: {len(shard_paths(args.val_files))} shards, {self.val.tokens.numel()} tokens; "
+            f"train: {len(shard_paths(args.train_files))} shards ({args.train_files})")
+        log(f"backends: {self.backends}")
+        log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+        self.train_model = DDP(self.compiled, device_ids=[self.local_rank] if self.cuda else None,
+                               broadcast_buffers=False) if self.distributed else self.compiled
+        self.optimizers = build_optimizers(args, model, fused=self.cuda)
+
+    def train_step(self, loader: TokenLoader, step: int, scale: float) -> Tensor:
+        args, accum = self.args, self.args.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.batch(loader)
+            if self.distributed:
+                self.train_model.require_backward_grad_sync = micro == accum - 1
+            with autocast(self.device):
+                loss = self.train_model(x, y)
+            (loss / accum).backward()
+            total += loss.detach() / accum
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
-        for opt in optimizers:
+        for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
                 if isinstance(opt, Muon):
                     group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip_norm)
+        for opt in self.optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return total
 
-    # Compile and warm up on real batches, then restore the initial weights, optimizer state and loader.
-    if args.warmup_steps > 0:
+    def warm_up(self):
+        """Compiles on real batches, then restores the weights and optimizer state: warm-up is not training."""
+        steps, model, optimizers = self.args.warmup_steps, self.model, self.optimizers
+        if steps <= 0:
+            return
         initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
-        warm_loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
-        for step in range(args.warmup_steps):
-            train_step(warm_loader, step, 1.0)
+        loader = self.loader()
+        for step in range(steps):
+            self.train_step(loader, step, 1.0)
         model.load_state_dict(initial[0])
         for opt, state in zip(optimizers, initial[1]):
             opt.load_state_dict(state)
-        log0(f"warmup: {args.warmup_steps} steps compiled and run, then weights and optimizer state restored")
+        self.log(f"warmup: {steps} steps compiled and run, then weights and optimizer state restored")
 
-    sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
-
-    def calibrate(batches) -> dict[str, Tensor]:
-        with autocast(device):
-            hessians = collect_hessians(model, batches)
-        if distributed:
+    def hessians(self, batches) -> dict[str, Tensor]:
+        with autocast(self.device):
+            hessians = collect_hessians(self.model, batches)
+        if self.distributed:
             for H in hessians.values():
                 dist.all_reduce(H)
         return hessians
 
-    # GPTQ's calibration reads training data, which the rules allow only inside the training window: time one
-    # calibration batch now (after a first, loading call) and end training early enough for all of them. None
-    # when no matrix is large enough to be calibrated.
-    calib = args.gptq_calib_tokens > 0 and gptq_layers(model)
-    calib_batches = math.ceil(args.gptq_calib_tokens / (world * local_tokens)) if calib else 0
-    calib_reserve_ms = 0.0
-    if calib_batches:
-        probe = [TokenLoader(args.train_files, args.vocab_size, rank, world).next_batch(local_tokens, args.train_seq_len, device)[0]]
-        calibrate(probe)
-        sync()
+    def reserve_calibration(self) -> tuple[int, float]:
+        """GPTQ's calibration reads training data, allowed only inside the training window: its batches, and the
+        ms to stop training early by, from one batch timed now (after a first, loading call)."""
+        tokens = self.args.gptq_calib_tokens
+        batches = math.ceil(tokens / (self.world * self.local_tokens)) if tokens > 0 and gptq_layers(self.model) else 0
+        if not batches:
+            return 0, 0.0
+        probe = [self.batch(self.loader())[0]]
+        self.hessians(probe)
+        self.sync()
         t = time.perf_counter()
-        calibrate(probe)
-        sync()
-        reserve = torch.tensor(1.25 * calib_batches * 1000 * (time.perf_counter() - t), device=device, dtype=torch.float64)
-        if distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
-            dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
-        calib_reserve_ms = reserve.item()
-        log0(f"gptq: {calib_batches} calibration batches after training, {calib_reserve_ms:.0f}ms of the training time reserved")
+        self.hessians(probe)
+        self.sync()
+        ms = torch.tensor(1.25 * batches * 1000 * (time.perf_counter() - t), device=self.device, dtype=torch.float64)
+        if self.distributed:  # the slowest rank's estimate, so that all ranks stop at the same step
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        self.log(f"gptq: {batches} calibration batches after training, {ms.item():.0f}ms of the training time reserved")
+        return batches, ms.item()
 
-    loader = TokenLoader(args.train_files, args.vocab_size, rank, world)
-    ema = [p.detach().float().clone() for p in model.parameters()]
-    train_ms, step, stop = 0.0, 0, False
-    sync()
-    t0 = time.perf_counter()
-    while not stop:
-        progress = step / args.iterations
-        if args.max_wallclock_seconds > 0:
-            progress = max(progress, train_ms / (1000 * args.max_wallclock_seconds))
-        loss = train_step(loader, step, lr_scale(progress, args.warmdown_frac))
-        step += 1
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
+    def train(self, reserve_ms: float) -> tuple[TokenLoader, float]:
+        """Until ITERATIONS, or until one more step and the calibration would pass MAX_WALLCLOCK_SECONDS; the LR
+        follows the further of the two. Leaves the EMA weights in the model, to export."""
+        args, model = self.args, self.model
+        cap_ms = 1000 * args.max_wallclock_seconds
+        loader = self.loader()
+        ema = [p.detach().float().clone() for p in model.parameters()]
+        train_ms, step, stop = 0.0, 0, False
+        self.sync()
+        t0 = time.perf_counter()
+        while not stop:
+            progress = max(step / args.iterations, train_ms / cap_ms) if cap_ms > 0 else step / args.iterations
+            loss = self.train_step(loader, step, lr_scale(progress, args.warmdown_frac))
+            step += 1
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
+            self.sync()
+            # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
+            clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=self.device,
+                                 dtype=torch.float64)
+            clock[1] = loss.isfinite().logical_not()
+            if self.distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            train_ms, diverged = clock.tolist()
+            if diverged:
+                self.fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning "
+                          f"rates too high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} "
+                          f"TIED_EMBED_LR={args.tied_embed_lr} SSM_LR={args.ssm_lr})")
+            step_avg = train_ms / step
+            stop = step >= args.iterations or (cap_ms > 0 and train_ms + step_avg + reserve_ms > cap_ms)
+            if step % args.train_log_every == 0 or step <= 10 or stop:
+                if self.distributed:
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                self.log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+                         f"step_avg:{step_avg:.2f}ms")
+            if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
+                vl, vb = evaluate(self.compiled, self.val)
+                self.log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
+            t0 = time.perf_counter()  # logging and validation are not training time
+        memory = f" peak_memory:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if self.cuda else ""
+        self.log(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms" + memory)
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1 - decay)
-        sync()
-        # The loss's finiteness rides on the step's one read from the device, the clock's (and its all-reduce).
-        clock = torch.tensor([train_ms + 1000 * (time.perf_counter() - t0), 0], device=device, dtype=torch.float64)
-        clock[1] = loss.isfinite().logical_not()
-        if distributed:  # all ranks agree on the clock, hence on the LR schedule and on when to stop
-            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-        train_ms, diverged = clock.tolist()
-        if diverged:
-            fail(f"train_loss at step {step} is not finite: training diverged, most likely from learning rates too "
-                 f"high (MATRIX_LR={args.matrix_lr} SCALAR_LR={args.scalar_lr} TIED_EMBED_LR={args.tied_embed_lr} "
-                 f"SSM_LR={args.ssm_lr})")
-        step_avg = train_ms / step
-        stop = step >= args.iterations or (
-            args.max_wallclock_seconds > 0 and train_ms + step_avg + calib_reserve_ms > 1000 * args.max_wallclock_seconds)
-        if step % args.train_log_every == 0 or step <= 10 or stop:
-            if distributed:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            log0(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms step_avg:{step_avg:.2f}ms")
-        if args.val_loss_every > 0 and step % args.val_loss_every == 0 and not stop:
-            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
-            log0(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} (live weights)")
-        t0 = time.perf_counter()  # what ran since the step (logging, validation) is not training time
-    log0(f"training: {step} steps in {train_ms:.0f}ms, step_avg:{train_ms / step:.2f}ms"
-         + (f" peak_memory:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device.type == "cuda" else ""))
+            for p, e in zip(model.parameters(), ema):
+                p.copy_(e)
+        return loader, train_ms
 
-    # The exported weights are the EMA.
-    with torch.no_grad():
-        for p, e in zip(model.parameters(), ema):
-            p.copy_(e)
-    hessians = None
-    if calib_batches:
+    def calibrate(self, loader: TokenLoader, batches: int, train_ms: float) -> dict[str, Tensor] | None:
+        """GPTQ's Hessians from the next training batches, timed as training."""
+        if not batches:
+            return None
         t = time.perf_counter()
-        hessians = calibrate(loader.next_batch(local_tokens, args.train_seq_len, device)[0] for _ in range(calib_batches))
-        sync()
+        hessians = self.hessians(self.batch(loader)[0] for _ in range(batches))
+        self.sync()
         calib_ms = 1000 * (time.perf_counter() - t)
         train_ms += calib_ms
-        log0(f"gptq: Hessians of {len(hessians)} matrices from {calib_batches * world * local_tokens} training tokens "
-             f"in {calib_ms:.0f}ms; training + calibration {train_ms:.0f}ms")
-        if args.max_wallclock_seconds > 0 and train_ms > 1000 * args.max_wallclock_seconds:
-            log0(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - 1000 * args.max_wallclock_seconds:.0f}ms")
-    t = time.perf_counter()
-    vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, 0, val_batch_seqs, rank, world)
-    if not math.isfinite(vl):
-        fail(f"the EMA weights' pre-export val_loss is {vl}, not finite")
-    log0(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{time.perf_counter() - t:.1f}s")
+        self.log(f"gptq: Hessians of {len(hessians)} matrices from {batches * self.world * self.local_tokens} "
+                 f"training tokens in {calib_ms:.0f}ms; training + calibration {train_ms:.0f}ms")
+        cap_ms = 1000 * self.args.max_wallclock_seconds
+        if cap_ms > 0 and train_ms > cap_ms:
+            self.log(f"WARNING: training + calibration exceeded MAX_WALLCLOCK_SECONDS by {train_ms - cap_ms:.0f}ms")
+        return hessians
 
-    t = time.perf_counter()
-    if master:
-        blob, zeroed = serialize(model.state_dict(), bits, SIZE_CAP_BYTES - len(code), hessians)
-        if zeroed:
-            log0(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
-        with open(args.artifact_path, "wb") as f:
-            f.write(blob)
-    if distributed:
-        dist.barrier()
-    with open(args.artifact_path, "rb") as f:  # every rank scores the artifact as read back from disk
-        blob = f.read()
-    digests = [hashlib.sha256(blob).hexdigest()] * world
-    if distributed:
-        dist.all_gather_object(digests, digests[0])
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
-    log0(f"artifact sha256:{digests[0]} (the same bytes on all {world} ranks)")
-    total = len(blob) + len(code)
-    label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or e.g. int6/int5
-    log0(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
-    log0(f"Total submission size {label}: {total} bytes (code {len(code)} + model {len(blob)}; cap {SIZE_CAP_BYTES})")
-    exit_code = 3 if total > SIZE_CAP_BYTES else 0
-    if exit_code:
-        log0(f"ERROR: submission is {total - SIZE_CAP_BYTES} bytes over the {SIZE_CAP_BYTES}-byte cap")
-    model.load_state_dict(deserialize(blob))
-    strides = {"flat": 0, "sliding": args.eval_stride}  # the window modes' strides (0: consecutive windows)
-    for mode in dict.fromkeys(("flat", args.eval_mode)):
+    def timed(self, score, what: str, artifact: bool = True, hint: str = "") -> tuple[float, float, float]:
+        """(val_loss, val_bpb, seconds) of score(); a loss that is not finite ends the run."""
         t = time.perf_counter()
-        if mode == "stateful":
-            vl, vb = evaluate_stateful(model, val_tokens, luts, args.eval_seq_len, val_batch_seqs, rank, world)
-        else:
-            vl, vb = evaluate(compiled, val_tokens, luts, args.eval_seq_len, strides[mode], val_batch_seqs, rank, world)
+        vl, vb = score()
         if not math.isfinite(vl):
-            fail(f"the reloaded artifact's {mode} val_loss is {vl}, not finite", artifact=True)
-        log0(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
-    if args.ttt_epochs > 0:
-        t = time.perf_counter()
-        vl, vb = evaluate_ttt(compiled, val_tokens, luts, args.eval_seq_len, strides[args.eval_mode], val_batch_seqs, args, rank, world)
-        if not math.isfinite(vl):
-            fail(f"the val_loss after test-time training is {vl}, not finite (TTT_LR={args.ttt_lr})", artifact=True)
-        log0(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{time.perf_counter() - t:.1f}s")
-    log0(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    if distributed:
-        dist.destroy_process_group()
-        if device.type == "cpu":
+            self.fail(f"{what} is {vl}, not finite{hint}", artifact)
+        return vl, vb, time.perf_counter() - t
+
+    def score_pre_export(self):
+        vl, vb, s = self.timed(lambda: evaluate(self.compiled, self.val), "the EMA weights' pre-export val_loss",
+                               artifact=False)
+        self.log(f"pre_export val_loss:{vl:.4f} val_bpb:{vb:.4f} (EMA weights, flat windows) eval_time:{s:.1f}s")
+
+    def export_artifact(self, hessians: dict[str, Tensor] | None) -> tuple[bytes, int]:
+        """Rank 0 writes the artifact; every rank scores it as read back from disk, the same bytes on all. Exit
+        code 3 when code and model pass the cap; the run still scores."""
+        args, code, cap, t = self.args, self.code_bytes, SIZE_CAP_BYTES, time.perf_counter()
+        if self.rank == 0:
+            bits = {"mixer": args.mixer_bits, "mlp": args.mlp_bits}
+            blob, zeroed = serialize(self.model.state_dict(), bits, cap - code, hessians)
+            if zeroed:
+                self.log(f"export: {zeroed} block-matrix entries of +-1 set to 0 to fit the cap")
+            with open(args.artifact_path, "wb") as f:
+                f.write(blob)
+        if self.distributed:
+            dist.barrier()
+        with open(args.artifact_path, "rb") as f:
+            blob = f.read()
+        digests = [hashlib.sha256(blob).hexdigest()] * self.world
+        if self.distributed:
+            dist.all_gather_object(digests, digests[0])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks read different artifacts from {args.artifact_path}: {digests}")
+        self.log(f"artifact sha256:{digests[0]} (the same bytes on all {self.world} ranks)")
+        total = len(blob) + code
+        label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or int6/int5
+        self.log(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in "
+                 f"{time.perf_counter() - t:.1f}s")
+        self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; cap {cap})")
+        if total <= cap:
+            return blob, 0
+        self.log(f"ERROR: submission is {total - cap} bytes over the {cap}-byte cap")
+        return blob, 3
+
+    def score(self, blob: bytes):
+        """Flat windows, EVAL_MODE, then test-time training: the last is the final score."""
+        args, val, compiled = self.args, self.val, self.compiled
+        self.model.load_state_dict(deserialize(blob))
+        strides = {"flat": 0, "sliding": args.eval_stride}
+        for mode in dict.fromkeys(("flat", args.eval_mode)):
+            score = (lambda: evaluate_stateful(self.model, val)) if mode == "stateful" else \
+                (lambda: evaluate(compiled, val, strides[mode]))
+            vl, vb, s = self.timed(score, f"the reloaded artifact's {mode} val_loss")
+            self.log(f"final_roundtrip_{mode} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{s:.1f}s")
+        if args.ttt_epochs > 0:
+            vl, vb, s = self.timed(lambda: evaluate_ttt(compiled, val, strides[args.eval_mode], args),
+                                   "the val_loss after test-time training", hint=f" (TTT_LR={args.ttt_lr})")
+            self.log(f"final_roundtrip_{args.eval_mode}_ttt val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{s:.1f}s")
+        self.log(f"final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+
+    def end(self, exit_code: int):
+        if self.distributed:
+            dist.destroy_process_group()
             # gloo: after DDP's all-reduces, the interpreter's teardown can abort ("terminate called without an
-            # active exception"; 3 of 16 two-rank runs, PyTorch 2.13) once all is written, so end the process here.
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(exit_code)
-    if exit_code:
-        sys.exit(exit_code)
+            # active exception") once all is written, so the process ends here.
+            if not self.cuda:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(exit_code)
+        if exit_code:
+            sys.exit(exit_code)
+
+
+def main():
+    run = Run(Hyperparameters())
+    run.start()
+    run.warm_up()
+    calib_batches, reserve_ms = run.reserve_calibration()
+    loader, train_ms = run.train(reserve_ms)
+    hessians = run.calibrate(loader, calib_batches, train_ms)
+    run.score_pre_export()
+    blob, exit_code = run.export_artifact(hessians)
+    run.score(blob)
+    run.end(exit_code)
 
 
 if __name__ == "__main__":

@@ -38,22 +38,23 @@ def main():
     model.load_state_dict(weights)
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
     batch = max(1, args.val_batch_tokens // args.eval_seq_len)
-    runs = [("flat", batch, lambda: tg.evaluate(compiled, val, luts, args.eval_seq_len, 0, batch, 0, 1)),
-            (f"sliding stride {a.stride}", batch, lambda: tg.evaluate(compiled, val, luts, args.eval_seq_len, a.stride, batch, 0, 1))]
+    split = tg.ValSplit(val, luts, args.eval_seq_len, batch)
+    runs = [("flat", batch, lambda: tg.evaluate(compiled, split)),
+            (f"sliding stride {a.stride}", batch, lambda: tg.evaluate(compiled, split, a.stride))]
     for lanes in (int(v) for v in a.lanes.split(",") if v):
-        runs.append(("stateful", lanes, lambda lanes=lanes: tg.evaluate_stateful(model, val, luts, args.eval_seq_len, lanes, 0, 1)))
+        runs.append(("stateful", lanes, lambda s=split._replace(batch_seqs=lanes): tg.evaluate_stateful(model, s)))
 
     def ttt(setting):
         args.ttt_lr, args.ttt_epochs, args.ttt_chunk_tokens = float(setting[0]), int(setting[1]), int(setting[2])
         model.load_state_dict(weights)
-        return tg.evaluate_ttt(compiled, val, luts, args.eval_seq_len, 0, batch, args, 0, 1)
+        return tg.evaluate_ttt(compiled, split, 0, args)
 
     for setting in (v.split(":") for v in a.ttt.split(",") if v):
         runs.append((f"ttt lr {setting[0]} x{setting[1]} chunk {setting[2]}", batch, lambda setting=setting: ttt(setting)))
     rows = []
-    warm_val = val[: 4 * args.val_batch_tokens]
-    tg.evaluate(compiled, warm_val, luts, args.eval_seq_len, 0, batch, 0, 1)  # compile, on a prefix of the split
-    tg.evaluate(compiled, warm_val, luts, args.eval_seq_len, a.stride, batch, 0, 1)
+    warm = split._replace(tokens=val[: 4 * args.val_batch_tokens])
+    tg.evaluate(compiled, warm)  # compile, on a prefix of the split
+    tg.evaluate(compiled, warm, a.stride)
     for name, width, score in runs:
         sync()
         t = time.perf_counter()

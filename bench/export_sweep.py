@@ -86,7 +86,7 @@ def main():
             tg.export_kind = export_kind
         seconds = time.perf_counter() - t
         model.load_state_dict(tg.deserialize(blob))
-        _, bpb = tg.evaluate(scorer, val, luts, args.eval_seq_len, 0, batch, 0, 1)
+        _, bpb = tg.evaluate(scorer, tg.ValSplit(val, luts, args.eval_seq_len, batch))
         name = f"{method}:{mixer_bits}/{mlp_bits}" + (f"/{embed_bits}" if embed_bits != 16 else "")
         rows.append((name, len(blob), len(blob) + code_bytes, bpb, seconds))
         print(f"sweep {rows[-1][0]} model_bytes:{rows[-1][1]} total_bytes:{rows[-1][2]} val_bpb:{bpb:.6f} export_s:{seconds:.1f}", flush=True)

@@ -65,9 +65,9 @@ def test_evaluate_is_exact_on_a_known_model(dataset):
     val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 256)
     n_bytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
     # each scorer binds its own stride (a lambda in the comprehension would read the last one, 64, for both)
-    scorers = {f"stride {stride}": functools.partial(tg.evaluate, Uniform(), val, luts, seq_len=256, stride=stride,
-                                                     batch_seqs=7, rank=0, world=1) for stride in (0, 64)}
-    scorers["stateful"] = functools.partial(tg.evaluate_stateful, Uniform(), val, luts, seq_len=256, lanes=5, rank=0, world=1)
+    scorers = {f"stride {stride}": functools.partial(tg.evaluate, Uniform(), tg.ValSplit(val, luts, 256, 7), stride)
+               for stride in (0, 64)}
+    scorers["stateful"] = functools.partial(tg.evaluate_stateful, Uniform(), tg.ValSplit(val, luts, 256, 5))
     for name, score in scorers.items():
         loss, bpb = score()
         assert loss == pytest.approx(math.log(1024), rel=1e-7), name  # fp32 cross-entropy
@@ -92,9 +92,9 @@ def test_stateful_scorer_equals_sliding_and_flat_when_one_window_covers_the_spli
     model = tg.GPT(small_args(mlp_mult=3))
     torch.nn.init.normal_(model.tok_emb.weight, std=0.5)  # logits far from uniform
     unzero_output_projections(model, std=0.05)
-    flat = tg.evaluate(model, val, luts, seq_len=512, stride=0, batch_seqs=1, rank=0, world=1)
-    sliding = tg.evaluate(model, val, luts, seq_len=512, stride=64, batch_seqs=1, rank=0, world=1)
-    stateful = tg.evaluate_stateful(model, val, luts, seq_len=512, lanes=1, rank=0, world=1)
+    split = tg.ValSplit(val, luts, seq_len=512, batch_seqs=1)
+    flat, sliding = tg.evaluate(model, split), tg.evaluate(model, split, 64)
+    stateful = tg.evaluate_stateful(model, split)
     assert abs(flat[0] - math.log(1024)) > 0.1
     for other in (sliding, stateful):
         assert other == pytest.approx(flat, rel=1e-6)
@@ -128,9 +128,9 @@ def test_ttt_trains_on_each_chunk_only_after_scoring_it(dataset):
     args = ttt_args()
     model = tg.GPT(args)
     unzero_output_projections(model, std=0.05)
-    flat = tg.evaluate(model, val, luts, seq_len=64, stride=0, batch_seqs=4, rank=0, world=1)
+    flat = tg.evaluate(model, tg.ValSplit(val, luts, seq_len=64, batch_seqs=4))
     spy = Recorder(model, {t: i for i, t in enumerate(val.tolist())})
-    loss, bpb = tg.evaluate_ttt(spy, val, luts, 64, 0, 8, args, rank=0, world=1)
+    loss, bpb = tg.evaluate_ttt(spy, tg.ValSplit(val, luts, seq_len=64, batch_seqs=8), 0, args)
     scored, trained = set(), []
     for kind, starts in spy.calls:
         positions = {p for s in starts for p in range(s, min(s + 64, 1022))}
@@ -155,8 +155,8 @@ def test_ttt_without_learning_scores_like_the_plain_evaluation(dataset, stride):
     model = tg.GPT(args)
     unzero_output_projections(model, std=0.05)
     before = [p.detach().clone() for p in model.parameters()]
-    plain = tg.evaluate(model, val, luts, seq_len=64, stride=stride, batch_seqs=5, rank=0, world=1)
-    ttt = tg.evaluate_ttt(model, val, luts, 64, stride, 5, args, rank=0, world=1)
+    split = tg.ValSplit(val, luts, seq_len=64, batch_seqs=5)
+    plain, ttt = tg.evaluate(model, split, stride), tg.evaluate_ttt(model, split, stride, args)
     assert ttt == pytest.approx(plain, rel=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
