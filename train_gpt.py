@@ -53,7 +53,7 @@ class Hyperparameters:
         env("seed", 1337)
         # model
         env("vocab_size", 1024)
-        env("num_layers", 9)
+        env("num_layers", 7)
         env("model_dim", 512)
         env("num_heads", 8)
         env("num_kv_heads", 4)
@@ -64,8 +64,9 @@ class Hyperparameters:
         env("tied_embed_init_std", 0.005)
         env("value_embed_dim", 128)  # a token embedding added to attention's values
         env("value_embed_layers", 2)  # ... in the last this many layers (or all)
-        env("ssm_inner", self.model_dim // 4)  # the Mamba branch's width (d_inner)
-        env("ssm_layers", "0", int_list)  # the layers with a Mamba branch, e.g. "0,4"; none: attention only
+        env("ssm_inner", self.model_dim // 2)  # the Mamba branch's width (d_inner)
+        # the layers with a Mamba branch: every block by default; e.g. "0,4" or none (attention only) to ablate
+        env("ssm_layers", ",".join(map(str, range(self.num_layers))), int_list)
         env("ssm_state", 4)
         env("ssm_conv", 4)
         env("ssm_dt_rank", 32)

@@ -25,7 +25,7 @@ TINY_ENV = dict(TINY_MODEL, TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", WARM
 
 def small_args(**kw):
     """The script's settings for the tiny model (TINY_MODEL), kw overriding them as the environment would, so that
-    derived defaults follow (SSM_INNER is MODEL_DIM / 4). A test that changes NUM_LAYERS names its SSM_LAYERS."""
+    derived defaults follow (SSM_INNER is MODEL_DIM / 2). A test that changes NUM_LAYERS names its SSM_LAYERS."""
     env = {k.upper(): ",".join(map(str, v)) if isinstance(v, (list, tuple, range)) else str(v) for k, v in kw.items()}
     return tg.Hyperparameters({**TINY_MODEL, **env})
 

@@ -63,7 +63,7 @@ def test_bad_ssm_layers_or_width_are_refused(env):
 
 
 def test_ssm_layers_setting():
-    assert tg.Hyperparameters({"NUM_LAYERS": "3"}).ssm_layers == [0]
+    assert tg.Hyperparameters({"NUM_LAYERS": "3"}).ssm_layers == [0, 1, 2]  # every block a Hymba block
     assert tg.Hyperparameters({"SSM_LAYERS": "0,4"}).ssm_layers == [0, 4]
     assert tg.Hyperparameters({"SSM_LAYERS": ""}).ssm_layers == []
 
