@@ -15,7 +15,7 @@ import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
 for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]:
-    tg.SCAN_CHUNK = chunk
+    tg.scan_chunk = lambda n, chunk=chunk: chunk
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
     ours = outputs_and_grads(tg.triton_scan, inputs, dout)
@@ -23,13 +23,15 @@ for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (
     for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], ours, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
         assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
-tg.SCAN_CHUNK = 4
+tg.scan_chunk = lambda n: 4
 inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
 h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
 ref_out, ref_final = tg.scan_from_state(*[x.double() for x in inputs], h0.double())
 assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.double() - ref_final).norm() <= 2e-5 * ref_final.norm()
-torch.library.opcheck(tg.triton_scan_fwd, [x.contiguous().requires_grad_() for x in inputs] + [h0])
+op_inputs = [x.contiguous().requires_grad_() for x in inputs]
+op_inputs[2] = inputs[2].t().contiguous().requires_grad_()  # the op takes A^T and h0 as (batch, d_state, d_inner)
+torch.library.opcheck(tg.triton_scan_fwd, op_inputs + [h0.mT.contiguous()])
 print("ok")
 """
 
