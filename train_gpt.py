@@ -412,7 +412,6 @@ except ImportError:
     triton = None
 
 SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
-SCAN_FILL_WARPS = 4096  # time is cut into segments, each its own program, until the grid has about this many warps
 
 
 def scan_chunk(d_state: int) -> int:
@@ -421,26 +420,11 @@ def scan_chunk(d_state: int) -> int:
     return max(1, 32 // triton.next_power_of_2(d_state))
 
 
-def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int, int], dict]:
-    """Grid, one program per (sequence, 32 * warps channels, time segment), and constants: chunk length K, chunks
-    NC, chunks per segment CPS and segments S."""
-    bd, k = 32 * warps, scan_chunk(d_state)
-    b, nblk, nc = u.size(0), triton.cdiv(u.size(2), bd), triton.cdiv(u.size(1), k)
-    cps = triton.cdiv(nc, max(1, min(nc, SCAN_FILL_WARPS // (b * nblk * warps))))
-    s = triton.cdiv(nc, cps)
-    return (b, nblk, s), dict(N=d_state, NP=triton.next_power_of_2(d_state), BD=bd, K=k, NC=nc, CPS=cps, S=s,
-                              num_warps=warps)
-
-
-def _segment_summaries(grid, meta, u, delta, A, B, C, D, z, delta_bias, dout=None) -> tuple[Tensor, Tensor]:
-    """(state or adjoint, sum of dt) per (sequence, segment), when time is cut into segments."""
-    b, _, s = grid
-    seg = u.new_empty(b, s, A.size(0), u.size(2), dtype=torch.float32)
-    sdt = u.new_empty(b, s, u.size(2), dtype=torch.float32)
-    if s > 1:
-        _scan_segment_kernel[grid](u, delta, A, B, C, D, z, delta_bias, u if dout is None else dout, seg, sdt,
-                                   u.size(1), u.size(2), **meta, BACKWARD=dout is not None)
-    return seg, sdt
+def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
+    """Grid and constants: one program per (sequence, 32 * warps channels)."""
+    bd = 32 * warps
+    return (u.size(0), triton.cdiv(u.size(2), bd)), dict(N=d_state, NP=triton.next_power_of_2(d_state), BD=bd,
+                                                         K=scan_chunk(d_state), num_warps=warps)
 
 
 if triton is not None:
@@ -505,17 +489,11 @@ if triton is not None:
     # spread each channel's states over several threads.
     @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         seg_ptr, sdt_ptr, T, DI, NC, CPS, S, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
-                         K: tl.constexpr):
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        seg = tl.program_id(2)
-        c0, c1 = seg * CPS, tl.minimum(NC, seg * CPS + CPS)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
-        for s in range(seg):  # the state entering this segment, from the earlier segments' summaries
-            h = tl.exp2(A2 * tl.load(sdt_ptr + (b * S + s) * DI + d, mask=dm, other=0.0)) * h + tl.load(
-                seg_ptr + (b * S + s) * N * DI + tile, mask=tm, other=0.0)
-        nxt = _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c0, T, DI, d, dm, n, nm, N, K)
-        for c in range(c0, c1):
+        nxt = _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
+        for c in range(NC):
             tl.store(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, h, mask=tm)
             us, xs, zs, Bs, Cs = nxt
             nxt = _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
@@ -528,30 +506,23 @@ if triton is not None:
                 y = tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u
                 out = y * z * tl.sigmoid(z)
                 tl.store(out_ptr + (b * T + t) * DI + d, out.to(out_ptr.dtype.element_ty), mask=m)
-        if seg == S - 1:
-            tl.store(ckpt_ptr + (b * (NC + 1) + NC) * N * DI + tile, h, mask=tm)
+        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * N * DI + tile, h, mask=tm)
 
     @triton.jit(do_not_specialize=["DI"])
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, seg_ptr, sdt_ptr,
-                         T, DI, NC, CPS, S, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
-                         K: tl.constexpr):
+                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, NBLK,
+                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, d, n, dm, nm, tile, tm, A, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        blk, seg = tl.program_id(1), tl.program_id(2)
-        c0, c1 = seg * CPS, tl.minimum(NC, seg * CPS + CPS)
+        blk = tl.program_id(1)
         after = tl.zeros((NP, BD), tl.float32)  # a_{t+1} dL/dh_{t+1}, from the step after
-        for i in range(S - 1 - seg):  # entering this segment from the later segments' summaries
-            s = S - 1 - i
-            after = tl.exp2(A2 * tl.load(sdt_ptr + (b * S + s) * DI + d, mask=dm, other=0.0)) * after + tl.load(
-                seg_ptr + (b * S + s) * N * DI + tile, mask=tm, other=0.0)
         dA = tl.zeros((NP, BD), tl.float32)
         dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, c1 - 1, T, DI, d, dm, n, nm, N, K)
-        for cc in range(c1 - c0):
-            c = c1 - 1 - cc
+        nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K)
+        for cc in range(NC):
+            c = NC - 1 - cc
             h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
             us, xs, zs, dos, Bs, Cs = nxt
-            nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, tl.maximum(c - 1, c0), T, DI,
+            nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, tl.maximum(c - 1, 0), T, DI,
                                   d, dm, n, nm, N, K)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
             for k in tl.static_range(K):
@@ -587,43 +558,9 @@ if triton is not None:
                 dD += dy * u
                 dbias += ddelta
                 after = a * g
-        tl.store(dA_ptr + (b * S + seg) * N * DI + tile, dA, mask=tm)
-        tl.store(dD_ptr + (b * S + seg) * DI + d, dD, mask=dm)
-        tl.store(dbias_ptr + (b * S + seg) * DI + d, dbias, mask=dm)
-
-    @triton.jit(do_not_specialize=["DI"])
-    def _scan_segment_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, seg_ptr,
-                             sdt_ptr, T, DI, NC, CPS, S, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
-                             K: tl.constexpr, BACKWARD: tl.constexpr):
-        """Each segment's summary, for splitting time between programs: the sum of dt over it (its decays are
-        exp(A sum dt)) and, forward, the state it ends in from a zero state; backward, the a_t dL/dh_t it passes
-        to the segment before from a zero one after it."""
-        b, d, n, dm, nm, tile, tm, _, A2, _, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        seg = tl.program_id(2)
-        c0, c1 = seg * CPS, tl.minimum(NC, seg * CPS + CPS)
-        h, sdt = tl.zeros((NP, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        for cc in range(c1 - c0):
-            c = c1 - 1 - cc if BACKWARD else c0 + cc
-            xs = _load_steps(delta_ptr, b, c, T, DI, d, dm, K)
-            if BACKWARD:
-                zs, dos = _load_steps(z_ptr, b, c, T, DI, d, dm, K), _load_steps(dout_ptr, b, c, T, DI, d, dm, K)
-                Cs = _load_bc(C_ptr, b, c, T, n, nm, N, K)
-                for kk in tl.static_range(K):
-                    t = c * K + K - 1 - kk
-                    dt = _softplus(xs[K - 1 - kk].to(tl.float32) + bias, dm & (d * 0 + t < T))
-                    z = zs[K - 1 - kk].to(tl.float32)
-                    dy = dos[K - 1 - kk].to(tl.float32) * z * tl.sigmoid(z)
-                    h = tl.exp2(dt * A2) * (Cs[K - 1 - kk].to(tl.float32) * dy + h)
-                    sdt += dt
-            else:
-                us, Bs = _load_steps(u_ptr, b, c, T, DI, d, dm, K), _load_bc(B_ptr, b, c, T, n, nm, N, K)
-                for k in tl.static_range(K):
-                    t = c * K + k
-                    dt = _softplus(xs[k].to(tl.float32) + bias, dm & (d * 0 + t < T))
-                    h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * us[k].to(tl.float32))
-                    sdt += dt
-        tl.store(seg_ptr + (b * S + seg) * N * DI + tile, h, mask=tm)
-        tl.store(sdt_ptr + (b * S + seg) * DI + d, sdt, mask=dm)
+        tl.store(dA_ptr + b * N * DI + tile, dA, mask=tm)
+        tl.store(dD_ptr + b * DI + d, dD, mask=dm)
+        tl.store(dbias_ptr + b * DI + d, dbias, mask=dm)
 
 
 @torch.library.custom_op("hymba::triton_scan_fwd", mutates_args=())
@@ -632,10 +569,10 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     """(out, states): the state entering each chunk, then the final state, as (batch, chunks + 1, d_state, d_inner);
     h0 is given as (batch, d_state, d_inner)."""
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
+    nc = triton.cdiv(u.size(1), meta["K"])
     out = torch.empty_like(u)
-    ckpt = u.new_empty(u.size(0), meta["NC"] + 1, A.size(0), u.size(2), dtype=torch.float32)
-    seg, sdt = _segment_summaries(grid, meta, u, delta, A, B, C, D, z, delta_bias)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, seg, sdt, u.size(1), u.size(2), **meta)
+    ckpt = u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), nc, **meta)
     return out, ckpt
 
 
@@ -648,17 +585,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0):
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
-    grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
-    (b, nblk, s), T, di, n = grid, u.size(1), u.size(2), A.size(0)
+    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
+    T, di, n = u.size(1), u.size(2), A.size(0)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
     dB, dC = torch.empty(b, nblk, T, meta["NP"], **f32), torch.empty(b, nblk, T, meta["NP"], **f32)
-    dA, dD, dbias = torch.empty(b, s, n, di, **f32), torch.empty(b, s, di, **f32), torch.empty(b, s, di, **f32)
-    seg, sdt = _segment_summaries(grid, meta, u, delta, A, B, C, D, z, delta_bias, dout)
-    _scan_bwd_kernel[grid](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD, dbias,
-                           seg, sdt, T, di, NBLK=nblk, **meta)
-    return (du, ddelta, dA.sum((0, 1)), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
-            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum((0, 1)), dz, dbias.sum((0, 1)))
+    dA, dD, dbias = torch.empty(b, n, di, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
+    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD,
+                                dbias, T, di, ckpt.size(1) - 1, nblk, **meta)
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
+            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
 
 
 triton_scan_bwd.register_fake(_fake_grads)

@@ -1,12 +1,11 @@
 """The selective scan alone (scan, D skip and SiLU(z) gate), forward and forward + backward, per backend and shape,
 on one GPU: median ms over repeats, and the agreement of every output and gradient with mamba-ssm's.
 
-    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings 8,4,1,4096 ...] [--script OTHER_train_gpt.py]
+    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings 8,4,1 ...] [--script OTHER_train_gpt.py]
 Shapes are (batch, d_inner, d_state, length), bf16. Rows:
   mamba_ssm        the model's path to mamba-ssm: its (batch, channels, time) layout, so five transposes in and one out
   selective_scan   mamba-ssm's kernels alone on inputs already in its layout (what the issue's "x its time" means)
-  triton K,Wf,Wb,F the script's kernels at chunk K, Wf warps per forward program, Wb per backward program, time
-                   cut into segments until the grid has F warps (0: one program walks all of time)
+  triton K,Wf,Wb   the script's kernels at chunk K, Wf warps per forward program, Wb per backward program
   triton           a version of the script without those settings (--script), at its own
 Each version of the script runs in its own process: two versions in one would register the same custom ops twice.
 GB/s counts the bytes the scan must move at least (bf16 inputs read, output written; backward: those plus the
@@ -70,12 +69,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["64,512,8,2048", "64,512,4,2048", "64,256,4,2048",
                                                    "64,1024,8,2048"])
-    p.add_argument("--settings", nargs="*", default=[], help="K,Wf,Wb,F; the script's own setting always runs")
+    p.add_argument("--settings", nargs="*", default=[], help="K,Wf,Wb; the script's own setting always runs")
     p.add_argument("--script", default=os.path.join(ROOT, "train_gpt.py"))
     a = p.parse_args()
     tg = load_script(a.script)
     tunable = hasattr(tg, "scan_chunk")
-    own = (tg.scan_chunk, tg.SCAN_WARPS, tg.SCAN_FILL_WARPS) if tunable else None
+    own_chunk, own_warps = (tg.scan_chunk, tg.SCAN_WARPS) if tunable else (None, None)
     rows = []
     print(f"{'shape (b, d, n, t)':<22} {'backend':<20} {'fwd ms':>8} {'fwd+bwd':>8} {'GB/s':>6} {'max rel err':>11}",
           flush=True)
@@ -88,13 +87,13 @@ def main():
         variants = [("mamba_ssm", tg.mamba_scan, args, None),
                     ("selective_scan", selective_scan(tg), mamba_layout(args), None)]
         if tunable:
-            settings = [(tg.scan_chunk(n), *own[1], own[2])] + [tuple(map(int, s.split(","))) for s in a.settings]
-            variants += [("triton %d,%d,%d,%d" % s, tg.triton_scan, args, s) for s in dict.fromkeys(settings)]
+            settings = [(tg.scan_chunk(n), *own_warps)] + [tuple(map(int, s.split(","))) for s in a.settings]
+            variants += [("triton %d,%d,%d" % s, tg.triton_scan, args, s) for s in dict.fromkeys(settings)]
         else:
             variants.append(("triton", tg.triton_scan, args, None))
         for name, fn, xs, setting in variants:
             if setting is not None:
-                tg.scan_chunk, tg.SCAN_WARPS, tg.SCAN_FILL_WARPS = (lambda _, k=setting[0]: k), setting[1:3], setting[3]
+                tg.scan_chunk, tg.SCAN_WARPS = (lambda _, k=setting[0]: k), setting[1:]
             try:
                 err = worst_error(fn, args, ref) if xs is args else float("nan")
                 f, fb = timed(fn, xs, False), timed(fn, xs, True)
@@ -103,7 +102,7 @@ def main():
                 continue
             finally:
                 if tunable:
-                    tg.scan_chunk, tg.SCAN_WARPS, tg.SCAN_FILL_WARPS = own
+                    tg.scan_chunk, tg.SCAN_WARPS = own_chunk, own_warps
             rows.append((shape, name, f, fb, moved / fb / 1e6, err))
             print(f"{str((b, d, n, t)):<22} {name:<20} {f:8.3f} {fb:8.3f} {moved / fb / 1e6:6.0f} {err:11.2e}",
                   flush=True)
