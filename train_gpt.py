@@ -72,7 +72,7 @@ class Hyperparameters:
         env("ssm_dt_rank", 32)
         env("dt_min", 1e-3)
         env("dt_max", 1e-1)
-        env("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
+        env("scan_impl", "auto")  # auto | triton | mamba_ssm | torch
         env("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
         env("train_seq_len", 2048)
@@ -415,9 +415,9 @@ SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per c
 
 
 def scan_chunk(d_state: int) -> int:
-    """Time steps per saved state: the backward keeps a chunk's states in registers, chunk x states <= 32 (beyond
-    that they spill)."""
-    return max(1, 32 // triton.next_power_of_2(d_state))
+    """Time steps per saved state: 4 was fastest at states 4 and 8; the backward keeps a chunk's states in
+    registers, and beyond chunk x states = 32 they spill."""
+    return max(1, min(4, 32 // triton.next_power_of_2(d_state)))
 
 
 def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
@@ -430,10 +430,11 @@ def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], 
 if triton is not None:
     # Each thread owns one channel of one sequence and walks its time steps one by one, all d_state states in
     # registers: state tiles are (state, channel) and d_inner is a run-time value, so Triton lays channels across
-    # threads and states within each thread, and the scan and the sums over states need no communication. A chunk's
-    # inputs are loaded before any of its arithmetic, so that their loads are in flight together. The forward
-    # saves the state entering each chunk; the backward re-runs a chunk from it, keeping the chunk's states in
-    # registers, then walks it backwards in time.
+    # threads and states within each thread, and the scan and the sums over states need no communication. Time goes
+    # in chunks of K steps; each chunk's inputs are loaded while the chunk before is computed, so that the loads'
+    # latency hides behind arithmetic. The forward saves the state entering each chunk; the backward re-runs a chunk
+    # from it, keeping the chunk's states in registers, then walks it backwards in time. Only dB and dC (sums over
+    # channels) need threads to talk: one sum across the block's channels per step.
 
     @triton.jit
     def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
@@ -458,6 +459,7 @@ if triton is not None:
 
     @triton.jit
     def _load_bc(ptr, b, c, T, n, nm, N: tl.constexpr, K: tl.constexpr):
+        """The chunk's K rows of B or C (batch, time, d_state), each thread holding all of every row."""
         rows = ()
         for k in tl.static_range(K):
             t = c * K + k
@@ -467,7 +469,7 @@ if triton is not None:
     @triton.jit
     def _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
                         K: tl.constexpr):
-        """Chunk c's inputs for the forward, loaded a chunk ahead (nothing is read past the end)."""
+        """Chunk c's inputs for the forward (nothing is read past the end)."""
         return (_load_steps(u_ptr, b, c, T, DI, d, dm, K), _load_steps(delta_ptr, b, c, T, DI, d, dm, K),
                 _load_steps(z_ptr, b, c, T, DI, d, dm, K), _load_bc(B_ptr, b, c, T, n, nm, N, K),
                 _load_bc(C_ptr, b, c, T, n, nm, N, K))
@@ -475,10 +477,9 @@ if triton is not None:
     @triton.jit
     def _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
                         K: tl.constexpr):
-        """Chunk c's inputs for the backward, loaded a chunk ahead."""
-        return (_load_steps(u_ptr, b, c, T, DI, d, dm, K), _load_steps(delta_ptr, b, c, T, DI, d, dm, K),
-                _load_steps(z_ptr, b, c, T, DI, d, dm, K), _load_steps(dout_ptr, b, c, T, DI, d, dm, K),
-                _load_bc(B_ptr, b, c, T, n, nm, N, K), _load_bc(C_ptr, b, c, T, n, nm, N, K))
+        """The forward's inputs and dL/dout."""
+        return _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N, K) + (
+            _load_steps(dout_ptr, b, c, T, DI, d, dm, K),)
 
     @triton.jit
     def _softplus(x, m):
@@ -521,7 +522,7 @@ if triton is not None:
         for cc in range(NC):
             c = NC - 1 - cc
             h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
-            us, xs, zs, dos, Bs, Cs = nxt
+            us, xs, zs, Bs, Cs, dos = nxt
             nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, tl.maximum(c - 1, 0), T, DI,
                                   d, dm, n, nm, N, K)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
@@ -632,7 +633,7 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
-SCAN_BACKENDS = {"mamba_ssm": (mamba_scan, "selective_scan_cuda"), "triton": (triton_scan, "triton"),
+SCAN_BACKENDS = {"triton": (triton_scan, "triton"), "mamba_ssm": (mamba_scan, "selective_scan_cuda"),
                  "torch": (torch_scan_fwd, None)}
 CONV_BACKENDS = {"causal_conv1d": (causal_conv_cuda, "causal_conv1d"), "torch": (causal_conv_torch, None)}
 
