@@ -412,19 +412,13 @@ except ImportError:
     triton = None
 
 SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
-
-
-def scan_chunk(d_state: int) -> int:
-    """Time steps per saved state: 4 was fastest at states 4 and 8; the backward keeps a chunk's states in
-    registers, and beyond chunk x states = 32 they spill."""
-    return max(1, min(4, 32 // triton.next_power_of_2(d_state)))
+SCAN_CHUNK = 4  # steps per saved state, fastest at states 4 and 8; the backward keeps a chunk's states in registers
 
 
 def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
-    """Grid and constants: one program per (sequence, 32 * warps channels)."""
-    bd = 32 * warps
-    return (u.size(0), triton.cdiv(u.size(2), bd)), dict(N=d_state, NP=triton.next_power_of_2(d_state), BD=bd,
-                                                         K=scan_chunk(d_state), num_warps=warps)
+    """Grid, one program per (sequence, 32 * warps channels), and constants."""
+    return (u.size(0), triton.cdiv(u.size(2), 32 * warps)), dict(
+        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=SCAN_CHUNK, num_warps=warps)
 
 
 if triton is not None:
@@ -449,37 +443,22 @@ if triton is not None:
         return b, d, n, dm, nm, tile, tm, A, A * 1.4426950408889634, Dv, bias
 
     @triton.jit
-    def _load_steps(ptr, b, c, T, DI, d, dm, K: tl.constexpr):
-        """The chunk's K rows (batch b, time c * K + k, channels d) of a (batch, time, d_inner) tensor."""
+    def _load_rows(ptr, b, c, T, width, cols, m, K: tl.constexpr):
+        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, width) tensor at columns cols: channels
+        (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past the end."""
         rows = ()
         for k in tl.static_range(K):
             t = c * K + k
-            rows = rows + (tl.load(ptr + (b * T + t) * DI + d, mask=dm & (d * 0 + t < T), other=0.0),)
+            rows = rows + (tl.load(ptr + (b * T + t) * width + cols, mask=m & (cols * 0 + t < T), other=0.0),)
         return rows
 
     @triton.jit
-    def _load_bc(ptr, b, c, T, n, nm, N: tl.constexpr, K: tl.constexpr):
-        """The chunk's K rows of B or C (batch, time, d_state), each thread holding all of every row."""
-        rows = ()
-        for k in tl.static_range(K):
-            t = c * K + k
-            rows = rows + (tl.load(ptr + (b * T + t) * N + n, mask=nm & (n * 0 + t < T), other=0.0),)
-        return rows
-
-    @triton.jit
-    def _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
-                        K: tl.constexpr):
-        """Chunk c's inputs for the forward (nothing is read past the end)."""
-        return (_load_steps(u_ptr, b, c, T, DI, d, dm, K), _load_steps(delta_ptr, b, c, T, DI, d, dm, K),
-                _load_steps(z_ptr, b, c, T, DI, d, dm, K), _load_bc(B_ptr, b, c, T, n, nm, N, K),
-                _load_bc(C_ptr, b, c, T, n, nm, N, K))
-
-    @triton.jit
-    def _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
-                        K: tl.constexpr):
-        """The forward's inputs and dL/dout."""
-        return _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N, K) + (
-            _load_steps(dout_ptr, b, c, T, DI, d, dm, K),)
+    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
+                    K: tl.constexpr):
+        """Chunk c's u, delta, z, B and C."""
+        return (_load_rows(u_ptr, b, c, T, DI, d, dm, K), _load_rows(delta_ptr, b, c, T, DI, d, dm, K),
+                _load_rows(z_ptr, b, c, T, DI, d, dm, K), _load_rows(B_ptr, b, c, T, N, n, nm, K),
+                _load_rows(C_ptr, b, c, T, N, n, nm, K))
 
     @triton.jit
     def _softplus(x, m):
@@ -493,20 +472,18 @@ if triton is not None:
                          T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
-        nxt = _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
         for c in range(NC):
             tl.store(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, h, mask=tm)
             us, xs, zs, Bs, Cs = nxt
-            nxt = _load_fwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
             for k in tl.static_range(K):
                 t = c * K + k
-                m = dm & (d * 0 + t < T)
-                u, z = us[k].to(tl.float32), zs[k].to(tl.float32)
+                m, u, z = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32)
                 dt = _softplus(xs[k].to(tl.float32) + bias, m)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
-                y = tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u
-                out = y * z * tl.sigmoid(z)
-                tl.store(out_ptr + (b * T + t) * DI + d, out.to(out_ptr.dtype.element_ty), mask=m)
+                y = (tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u) * z * tl.sigmoid(z)
+                tl.store(out_ptr + (b * T + t) * DI + d, y.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(ckpt_ptr + (b * (NC + 1) + NC) * N * DI + tile, h, mask=tm)
 
     @triton.jit(do_not_specialize=["DI"])
@@ -515,50 +492,43 @@ if triton is not None:
                          N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
         b, d, n, dm, nm, tile, tm, A, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         blk = tl.program_id(1)
-        after = tl.zeros((NP, BD), tl.float32)  # a_{t+1} dL/dh_{t+1}, from the step after
-        dA = tl.zeros((NP, BD), tl.float32)
+        after, dA = tl.zeros((NP, BD), tl.float32), tl.zeros((NP, BD), tl.float32)  # after: a_{t+1} dL/dh_{t+1}
         dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K) + (
+            _load_rows(dout_ptr, b, NC - 1, T, DI, d, dm, K),)
         for cc in range(NC):
             c = NC - 1 - cc
-            h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
             us, xs, zs, Bs, Cs, dos = nxt
-            nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, b, tl.maximum(c - 1, 0), T, DI,
-                                  d, dm, n, nm, N, K)
+            h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
+            prev = tl.maximum(c - 1, 0)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, d, dm, n, nm, N, K) + (
+                _load_rows(dout_ptr, b, prev, T, DI, d, dm, K),)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
             for k in tl.static_range(K):
                 t = c * K + k
-                m = dm & (d * 0 + t < T)
-                u, z, dout = us[k].to(tl.float32), zs[k].to(tl.float32), dos[k].to(tl.float32)
-                dt = _softplus(xs[k].to(tl.float32) + bias, m)
-                before = before + (h,)
+                m, u, z, dout = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32), dos[k].to(tl.float32)
+                dt, sz = _softplus(xs[k].to(tl.float32) + bias, m), tl.sigmoid(z)
+                before, dts, dys = before + (h,), dts + (dt,), dys + (dout * z * sz,)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
-                sz = tl.sigmoid(z)
-                dy = dout * z * sz
-                dts, dys = dts + (dt,), dys + (dy,)
                 y = tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u
-                tl.store(dz_ptr + (b * T + t) * DI + d, (dout * y * sz * (1 + z * (1 - sz))).to(
-                    dz_ptr.dtype.element_ty), mask=m)
+                dz = dout * y * sz * (1 + z * (1 - sz))
+                tl.store(dz_ptr + (b * T + t) * DI + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
                 part = ((b * NBLK + blk) * T + t) * NP + n  # this block's share of dC (and dB), summed outside
-                tl.store(dC_ptr + part, tl.sum(h * dy, axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
-            for kk in tl.static_range(K):
-                t = c * K + K - 1 - kk
-                m = dm & (d * 0 + t < T)
-                u, dt, dy = us[K - 1 - kk].to(tl.float32), dts[K - 1 - kk], dys[K - 1 - kk]
+                tl.store(dC_ptr + part, tl.sum(h * dys[k], axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
+            for k in tl.static_range(K - 1, -1, -1):
+                t = c * K + k
+                m, u, dt, dy = dm & (d * 0 + t < T), us[k].to(tl.float32), dts[k], dys[k]
                 a = tl.exp2(dt * A2)
-                g = Cs[K - 1 - kk].to(tl.float32) * dy + after  # dL/dh_t
-                dlog_a = g * a * before[K - 1 - kk]
-                gB = tl.sum(g * Bs[K - 1 - kk].to(tl.float32), axis=0, keep_dims=True)
-                x = xs[K - 1 - kk].to(tl.float32) + bias
-                ddelta = tl.where(m, (tl.sum(dlog_a * A, axis=0, keep_dims=True) + gB * u) * tl.sigmoid(x), 0.0)
+                g = Cs[k].to(tl.float32) * dy + after  # dL/dh_t
+                dlog_a = g * a * before[k]
+                gB = tl.sum(g * Bs[k].to(tl.float32), axis=0, keep_dims=True)
+                ddelta = (tl.sum(dlog_a * A, axis=0, keep_dims=True) + gB * u) * tl.sigmoid(xs[k].to(tl.float32) + bias)
+                ddelta = tl.where(m, ddelta, 0.0)
                 tl.store(du_ptr + (b * T + t) * DI + d, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
                 tl.store(ddelta_ptr + (b * T + t) * DI + d, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
                 part = ((b * NBLK + blk) * T + t) * NP + n
                 tl.store(dB_ptr + part, tl.sum(g * (dt * u), axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
-                dA += dlog_a * dt
-                dD += dy * u
-                dbias += ddelta
-                after = a * g
+                dA, dD, dbias, after = dA + dlog_a * dt, dD + dy * u, dbias + ddelta, a * g
         tl.store(dA_ptr + b * N * DI + tile, dA, mask=tm)
         tl.store(dD_ptr + b * DI + d, dD, mask=dm)
         tl.store(dbias_ptr + b * DI + d, dbias, mask=dm)
@@ -570,28 +540,26 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     """(out, states): the state entering each chunk, then the final state, as (batch, chunks + 1, d_state, d_inner);
     h0 is given as (batch, d_state, d_inner)."""
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
-    nc = triton.cdiv(u.size(1), meta["K"])
-    out = torch.empty_like(u)
-    ckpt = u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), nc, **meta)
+    out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
+                           **meta)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, h0):
-    nc = -(-u.size(1) // scan_chunk(A.size(0)))
+def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
+    nc = -(-u.size(1) // SCAN_CHUNK)
     return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
-    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
-    T, di, n = u.size(1), u.size(2), A.size(0)
-    f32 = dict(device=u.device, dtype=torch.float32)
+    ((b, nblk), meta), T, di, n = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1), u.size(2), A.size(0)
+    f32 = lambda *shape: torch.empty(shape, device=u.device, dtype=torch.float32)
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
-    dB, dC = torch.empty(b, nblk, T, meta["NP"], **f32), torch.empty(b, nblk, T, meta["NP"], **f32)
-    dA, dD, dbias = torch.empty(b, n, di, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
+    dB, dC = f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"])  # per block, summed below
+    dA, dD, dbias = f32(b, n, di), f32(b, di), f32(b, di)  # per sequence
     _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD,
                                 dbias, T, di, ckpt.size(1) - 1, nblk, **meta)
     return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
@@ -599,14 +567,9 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
 
 
 triton_scan_bwd.register_fake(_fake_grads)
-
-
-def _triton_scan_backward(ctx, dout, _):
-    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
-    return *triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt), None
-
-
-triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
+triton_scan_fwd.register_autograd(  # saved: the eight inputs, h0 (no gradient), the saved states
+    lambda ctx, dout, _: (*triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors[:8], ctx.saved_tensors[9]), None),
+    setup_context=_save_for_backward)
 
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):

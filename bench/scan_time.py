@@ -73,8 +73,8 @@ def main():
     p.add_argument("--script", default=os.path.join(ROOT, "train_gpt.py"))
     a = p.parse_args()
     tg = load_script(a.script)
-    tunable = hasattr(tg, "scan_chunk")
-    own_chunk, own_warps = (tg.scan_chunk, tg.SCAN_WARPS) if tunable else (None, None)
+    tunable = hasattr(tg, "SCAN_CHUNK") and isinstance(getattr(tg, "SCAN_WARPS", 0), tuple)
+    own = (tg.SCAN_CHUNK, tg.SCAN_WARPS) if tunable else None
     rows = []
     print(f"{'shape (b, d, n, t)':<22} {'backend':<20} {'fwd ms':>8} {'fwd+bwd':>8} {'GB/s':>6} {'max rel err':>11}",
           flush=True)
@@ -87,13 +87,13 @@ def main():
         variants = [("mamba_ssm", tg.mamba_scan, args, None),
                     ("selective_scan", selective_scan(tg), mamba_layout(args), None)]
         if tunable:
-            settings = [(tg.scan_chunk(n), *own_warps)] + [tuple(map(int, s.split(","))) for s in a.settings]
+            settings = [(own[0], *own[1])] + [tuple(map(int, s.split(","))) for s in a.settings]
             variants += [("triton %d,%d,%d" % s, tg.triton_scan, args, s) for s in dict.fromkeys(settings)]
         else:
             variants.append(("triton", tg.triton_scan, args, None))
         for name, fn, xs, setting in variants:
             if setting is not None:
-                tg.scan_chunk, tg.SCAN_WARPS = (lambda _, k=setting[0]: k), setting[1:]
+                tg.SCAN_CHUNK, tg.SCAN_WARPS = setting[0], setting[1:]
             try:
                 err = worst_error(fn, args, ref) if xs is args else float("nan")
                 f, fb = timed(fn, xs, False), timed(fn, xs, True)
@@ -102,7 +102,7 @@ def main():
                 continue
             finally:
                 if tunable:
-                    tg.scan_chunk, tg.SCAN_WARPS = own_chunk, own_warps
+                    tg.SCAN_CHUNK, tg.SCAN_WARPS = own
             rows.append((shape, name, f, fb, moved / fb / 1e6, err))
             print(f"{str((b, d, n, t)):<22} {name:<20} {f:8.3f} {fb:8.3f} {moved / fb / 1e6:6.0f} {err:11.2e}",
                   flush=True)

@@ -15,7 +15,7 @@ import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
 for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]:
-    tg.scan_chunk = lambda n, chunk=chunk: chunk
+    tg.SCAN_CHUNK = chunk
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
     ours = outputs_and_grads(tg.triton_scan, inputs, dout)
@@ -23,7 +23,7 @@ for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (
     for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], ours, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
         assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
-tg.scan_chunk = lambda n: 4
+tg.SCAN_CHUNK = 4
 inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
 h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
