@@ -72,7 +72,7 @@ class Hyperparameters:
         env("ssm_dt_rank", 32)
         env("dt_min", 1e-3)
         env("dt_max", 1e-1)
-        env("scan_impl", "auto")  # auto | mamba_ssm | triton | torch
+        env("scan_impl", "auto")  # auto | triton | mamba_ssm | torch
         env("conv_impl", "auto")  # auto | causal_conv1d | torch
         # training
         env("train_seq_len", 2048)
@@ -411,169 +411,173 @@ try:
 except ImportError:
     triton = None
 
-SCAN_BLOCK_D, SCAN_CHUNK, SCAN_WARPS = 16, 16, 4  # channels per Triton program; time steps per tile; warps
+SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
+SCAN_CHUNK = 4  # steps per saved state, fastest at states 4 and 8; the backward keeps a chunk's states in registers
+
+
+def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
+    """Grid, one program per (sequence, 32 * warps channels), and constants."""
+    return (u.size(0), triton.cdiv(u.size(2), 32 * warps)), dict(
+        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=SCAN_CHUNK, num_warps=warps)
+
 
 if triton is not None:
-    # One program per (sequence, block of channels) walks time a chunk of SCAN_CHUNK steps at a time: the chunk's
-    # states come from a parallel scan over the tile (time, channels, states) plus its entry state, kept in
-    # registers. The forward saves each chunk's entry state (and the final state); the backward recomputes the
-    # chunk's states from it and runs the adjoint scan backwards in time.
-
-    @triton.jit
-    def _combine(a1, b1, a2, b2):  # (a, b) pairs compose as h -> a2 (a1 h + b1) + b2
-        return a1 * a2, b1 * a2 + b2
-
-    @triton.jit
-    def _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T, DI, d, n, dm, nm,
-                    K: tl.constexpr, N: tl.constexpr):
-        """Offsets and mask of chunk c's (time, channel) tile, its fp32 u, delta + bias, dt = softplus(delta + bias)
-        (0 past the end, so the state passes through unchanged), B, C, the decays a and the states h."""
-        t = c * K + tl.arange(0, K)
-        off, m = (b * T + t[:, None]) * DI + d[None, :], (t[:, None] < T) & dm[None, :]
-        mn = (t[:, None] < T) & nm[None, :]
-        u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(delta_ptr + off, mask=m, other=0.0).to(tl.float32) + bias[None, :]
-        dt = tl.where(m, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), 0.0)
-        Bt = tl.load(B_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + (b * T + t[:, None]) * N + n[None, :], mask=mn, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, :, None] * A[None, :, :])
-        bx = (dt * u)[:, :, None] * Bt[:, None, :]
-        decay, h = tl.associative_scan((a, bx), 0, _combine)
-        return off, m, u, x, dt, Bt, Ct, a, bx, decay * h0[None, :, :] + h
-
-    @triton.jit
-    def _row(x, i, K: tl.constexpr):
-        """Row i of a (time, channel, state) tile."""
-        return tl.sum(tl.where(tl.arange(0, K)[:, None, None] == i, x, 0.0), axis=0)
+    # Each thread owns one channel of one sequence and walks its time steps one by one, all d_state states in
+    # registers: state tiles are (state, channel) and d_inner is a run-time value, so Triton lays channels across
+    # threads and states within each thread, and the scan and the sums over states need no communication. Time goes
+    # in chunks of K steps; each chunk's inputs are loaded while the chunk before is computed, so that the loads'
+    # latency hides behind arithmetic. The forward saves the state entering each chunk; the backward re-runs a chunk
+    # from it, keeping the chunk's states in registers, then walks it backwards in time. Only dB and dC (sums over
+    # channels) need threads to talk: one sum across the block's channels per step.
 
     @triton.jit
     def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
-        """This program's sequence b and channel block: channel and state indices, their masks, the flat offsets of
-        its (channel, state) tile, and its A, D and dt bias."""
-        b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        d, n = blk * BD + tl.arange(0, BD), tl.arange(0, NP)
+        """Sequence b; channels d (1, BD) and states n (NP, 1) with their masks; the (state, channel) tile's offsets
+        in a (d_state, d_inner) tensor; A (given as A^T; in log2 units too), D and the dt bias of these channels."""
+        b = tl.program_id(0).to(tl.int64)
+        d, n = (tl.program_id(1) * BD + tl.arange(0, BD))[None, :], tl.arange(0, NP)[:, None]
         dm, nm = d < DI, n < N
-        dn, state = dm[:, None] & nm[None, :], d[:, None] * N + n[None, :]
-        A = tl.load(A_ptr + state, mask=dn, other=0.0)
+        tile, tm = n * DI + d, nm & dm
+        A = tl.load(A_ptr + tile, mask=tm, other=0.0)
         Dv, bias = tl.load(D_ptr + d, mask=dm, other=0.0), tl.load(bias_ptr + d, mask=dm, other=0.0)
-        return b, blk, d, n, dm, nm, dn, state, A, Dv, bias
+        return b, d, n, dm, nm, tile, tm, A, A * 1.4426950408889634, Dv, bias
 
     @triton.jit
+    def _load_rows(ptr, b, c, T, width, cols, m, K: tl.constexpr):
+        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, width) tensor at columns cols: channels
+        (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past the end."""
+        rows = ()
+        for k in tl.static_range(K):
+            t = c * K + k
+            rows = rows + (tl.load(ptr + (b * T + t) * width + cols, mask=m & (cols * 0 + t < T), other=0.0),)
+        return rows
+
+    @triton.jit
+    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
+                    K: tl.constexpr):
+        """Chunk c's u, delta, z, B and C."""
+        return (_load_rows(u_ptr, b, c, T, DI, d, dm, K), _load_rows(delta_ptr, b, c, T, DI, d, dm, K),
+                _load_rows(z_ptr, b, c, T, DI, d, dm, K), _load_rows(B_ptr, b, c, T, N, n, nm, K),
+                _load_rows(C_ptr, b, c, T, N, n, nm, K))
+
+    @triton.jit
+    def _softplus(x, m):
+        """dt; 0 past the end, so that the state passes through unchanged."""
+        return tl.where(m, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), 0.0)
+
+    # d_inner is not specialised on: were it known to divide by 16, Triton would vectorise the channel loads and
+    # spread each channel's states over several threads.
+    @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
                          T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
-        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        h = tl.load(h0_ptr + b * DI * N + state, mask=dn, other=0.0)
+        b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
+        h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
         for c in range(NC):
-            tl.store(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, h, mask=dn)
-            off, m, u, _, _, _, Ct, _, _, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h, b, c, T, DI,
-                                                           d, n, dm, nm, K, N)
-            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
-            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-            tl.store(out_ptr + off, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
-            h = _row(hs, K - 1, K)
-        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * DI * N + state, h, mask=dn)
+            tl.store(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, h, mask=tm)
+            us, xs, zs, Bs, Cs = nxt
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
+            for k in tl.static_range(K):
+                t = c * K + k
+                m, u, z = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32)
+                dt = _softplus(xs[k].to(tl.float32) + bias, m)
+                h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
+                y = (tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u) * z * tl.sigmoid(z)
+                tl.store(out_ptr + (b * T + t) * DI + d, y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * N * DI + tile, h, mask=tm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["DI"])
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                         T, DI, NC, NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
-        b, blk, d, n, dm, nm, dn, state, A, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        rows = tl.arange(0, K)[:, None, None]
-        after = tl.zeros((BD, NP), tl.float32)  # a_{t+1} dL/dh_{t+1} for the step after this chunk
-        dA_acc = tl.zeros((BD, NP), tl.float32)
-        dD_acc, dbias_acc = tl.zeros((BD,), tl.float32), tl.zeros((BD,), tl.float32)
+                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, NBLK,
+                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+        b, d, n, dm, nm, tile, tm, A, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
+        blk = tl.program_id(1)
+        after, dA = tl.zeros((NP, BD), tl.float32), tl.zeros((NP, BD), tl.float32)  # after: a_{t+1} dL/dh_{t+1}
+        dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K) + (
+            _load_rows(dout_ptr, b, NC - 1, T, DI, d, dm, K),)
         for cc in range(NC):
             c = NC - 1 - cc
-            h0 = tl.load(ckpt_ptr + (b * (NC + 1) + c) * DI * N + state, mask=dn, other=0.0)
-            off, m, u, x, dt, Bt, Ct, a, bx, hs = _load_chunk(u_ptr, delta_ptr, A, B_ptr, C_ptr, bias, h0, b, c, T,
-                                                              DI, d, n, dm, nm, K, N)
-            z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
-            sz = tl.sigmoid(z)
-            dy = dout * z * sz
-            # dL/dh_t = dy_t C_t + a_{t+1} dL/dh_{t+1}: a scan backwards in time over (a_{t+1}, dy_t C_t)
-            a_next = tl.gather(a, tl.minimum(rows + 1, K - 1) + tl.zeros_like(a).to(tl.int32), 0)
-            last = rows == K - 1
-            _, g = tl.associative_scan((tl.where(last, 0.0, a_next),
-                                        dy[:, :, None] * Ct[:, None, :] + tl.where(last, after[None, :, :], 0.0)),
-                                       0, _combine, reverse=True)
-            dlog_a = g * (hs - bx)  # dL/dh_t * a_t h_{t-1}
-            gB = tl.sum(g * Bt[:, None, :], axis=2)
-            ddelta = (tl.sum(dlog_a * A[None, :, :], axis=2) + gB * u) * tl.sigmoid(x)
-            ddelta = tl.where(m, ddelta, 0.0)
-            tl.store(du_ptr + off, (dy * Dv[None, :] + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
-            tl.store(ddelta_ptr + off, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
-            tl.store(dz_ptr + off, (dout * y * sz * (1 + z * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
-            t = c * K + tl.arange(0, K)
-            part, mn = ((b * NBLK + blk) * T + t[:, None]) * NP + n[None, :], (t[:, None] < T) & nm[None, :]
-            tl.store(dB_ptr + part, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mn)
-            tl.store(dC_ptr + part, tl.sum(hs * dy[:, :, None], axis=1), mask=mn)
-            dA_acc += tl.sum(dlog_a * dt[:, :, None], axis=0)
-            dD_acc += tl.sum(dy * u, axis=0)
-            dbias_acc += tl.sum(ddelta, axis=0)
-            after = _row(a * g, 0, K)
-        tl.store(dA_ptr + b * DI * N + state, dA_acc, mask=dn)
-        tl.store(dD_ptr + b * DI + d, dD_acc, mask=dm)
-        tl.store(dbias_ptr + b * DI + d, dbias_acc, mask=dm)
-
-
-def _scan_grid(u, A):
-    b, T, di = u.shape
-    return (b, triton.cdiv(di, SCAN_BLOCK_D)), triton.cdiv(T, SCAN_CHUNK), triton.next_power_of_2(A.size(1))
+            us, xs, zs, Bs, Cs, dos = nxt
+            h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
+            prev = tl.maximum(c - 1, 0)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, d, dm, n, nm, N, K) + (
+                _load_rows(dout_ptr, b, prev, T, DI, d, dm, K),)
+            before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
+            for k in tl.static_range(K):
+                t = c * K + k
+                m, u, z, dout = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32), dos[k].to(tl.float32)
+                dt, sz = _softplus(xs[k].to(tl.float32) + bias, m), tl.sigmoid(z)
+                before, dts, dys = before + (h,), dts + (dt,), dys + (dout * z * sz,)
+                h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
+                y = tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u
+                dz = dout * y * sz * (1 + z * (1 - sz))
+                tl.store(dz_ptr + (b * T + t) * DI + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                part = ((b * NBLK + blk) * T + t) * NP + n  # this block's share of dC (and dB), summed outside
+                tl.store(dC_ptr + part, tl.sum(h * dys[k], axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
+            for k in tl.static_range(K - 1, -1, -1):
+                t = c * K + k
+                m, u, dt, dy = dm & (d * 0 + t < T), us[k].to(tl.float32), dts[k], dys[k]
+                a = tl.exp2(dt * A2)
+                g = Cs[k].to(tl.float32) * dy + after  # dL/dh_t
+                dlog_a = g * a * before[k]
+                gB = tl.sum(g * Bs[k].to(tl.float32), axis=0, keep_dims=True)
+                ddelta = (tl.sum(dlog_a * A, axis=0, keep_dims=True) + gB * u) * tl.sigmoid(xs[k].to(tl.float32) + bias)
+                ddelta = tl.where(m, ddelta, 0.0)
+                tl.store(du_ptr + (b * T + t) * DI + d, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(ddelta_ptr + (b * T + t) * DI + d, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
+                part = ((b * NBLK + blk) * T + t) * NP + n
+                tl.store(dB_ptr + part, tl.sum(g * (dt * u), axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
+                dA, dD, dbias, after = dA + dlog_a * dt, dD + dy * u, dbias + ddelta, a * g
+        tl.store(dA_ptr + b * N * DI + tile, dA, mask=tm)
+        tl.store(dD_ptr + b * DI + d, dD, mask=dm)
+        tl.store(dbias_ptr + b * DI + d, dbias, mask=dm)
 
 
 @torch.library.custom_op("hymba::triton_scan_fwd", mutates_args=())
 def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, states): the state (batch, d_inner, d_state) entering each chunk, then the final state."""
-    grid, nc, np2 = _scan_grid(u, A)
-    out = torch.empty_like(u)
-    ckpt = u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), nc,
-                           N=A.size(1), NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK, num_warps=SCAN_WARPS)
+    """(out, states): the state entering each chunk, then the final state, as (batch, chunks + 1, d_state, d_inner);
+    h0 is given as (batch, d_state, d_inner)."""
+    grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
+    out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
+                           **meta)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, h0):
+def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
     nc = -(-u.size(1) // SCAN_CHUNK)
-    return _empty(u)[0], u.new_empty(u.size(0), nc + 1, u.size(2), A.size(1), dtype=torch.float32)
+    return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
 
 
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
-    (b, nblk), nc, np2 = _scan_grid(u, A)
-    T, di, n = u.size(1), u.size(2), A.size(1)
-    f32 = dict(device=u.device, dtype=torch.float32)
+    ((b, nblk), meta), T, di, n = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1), u.size(2), A.size(0)
+    f32 = lambda *shape: torch.empty(shape, device=u.device, dtype=torch.float32)
     du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
-    dB, dC = torch.empty(b, nblk, T, np2, **f32), torch.empty(b, nblk, T, np2, **f32)
-    dA, dD, dbias = torch.empty(b, di, n, **f32), torch.empty(b, di, **f32), torch.empty(b, di, **f32)
-    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC,
-                                dA, dD, dbias, T, di, nc, nblk, N=n, NP=np2, BD=SCAN_BLOCK_D, K=SCAN_CHUNK,
-                                num_warps=SCAN_WARPS)
+    dB, dC = f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"])  # per block, summed below
+    dA, dD, dbias = f32(b, n, di), f32(b, di), f32(b, di)  # per sequence
+    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD,
+                                dbias, T, di, ckpt.size(1) - 1, nblk, **meta)
     return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
             dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
 
 
 triton_scan_bwd.register_fake(_fake_grads)
-
-
-def _triton_scan_backward(ctx, dout, _):
-    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
-    return *triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt), None
-
-
-triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
+triton_scan_fwd.register_autograd(  # saved: the eight inputs, h0 (no gradient), the saved states
+    lambda ctx, dout, _: (*triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors[:8], ctx.saved_tensors[9]), None),
+    setup_context=_save_for_backward)
 
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
     """out, or (out, final state) when starting from state h0 (forward only: the state gets no gradient)."""
     c = lambda v: v.contiguous()
-    start = u.new_zeros(u.size(0), u.size(2), A.size(1), dtype=torch.float32) if h0 is None else c(h0)
-    out, states = triton_scan_fwd(c(u), c(delta), c(A), c(B), c(C), c(D), c(z), c(delta_bias), start)
-    return out if h0 is None else (out, states[:, -1])
+    start = u.new_zeros(u.size(0), A.size(1), u.size(2), dtype=torch.float32) if h0 is None else c(h0.mT)
+    out, states = triton_scan_fwd(c(u), c(delta), c(A.t()), c(B), c(C), c(D), c(z), c(delta_bias), start)
+    return out if h0 is None else (out, states[:, -1].mT)
 
 
 def causal_conv_torch(x: Tensor, weight: Tensor, bias: Tensor, tail: Tensor | None = None) -> Tensor:
@@ -592,7 +596,7 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
-SCAN_BACKENDS = {"mamba_ssm": (mamba_scan, "selective_scan_cuda"), "triton": (triton_scan, "triton"),
+SCAN_BACKENDS = {"triton": (triton_scan, "triton"), "mamba_ssm": (mamba_scan, "selective_scan_cuda"),
                  "torch": (torch_scan_fwd, None)}
 CONV_BACKENDS = {"causal_conv1d": (causal_conv_cuda, "causal_conv1d"), "torch": (causal_conv_torch, None)}
 

@@ -36,7 +36,8 @@ def main():
         fwd = triton.testing.do_bench(lambda: tg.triton_scan(*args), warmup=5, rep=50, return_mode="median")
         both = triton.testing.do_bench(lambda: torch.autograd.grad(tg.triton_scan(*args), args, dout), warmup=5, rep=50,
                                        return_mode="median")
-        block = getattr(tg, "SCAN_BLOCK_D", 32 * getattr(tg, "SCAN_WARPS", 1))
+        warps = getattr(tg, "SCAN_WARPS", 1)  # (forward, backward) since 557113e; channels per program before it
+        block = getattr(tg, "SCAN_BLOCK_D", 32 * (warps[0] if isinstance(warps, tuple) else warps))
         programs = b * -(-d // block)
         print(f"{str((b, d, t)):<18} {programs:8d} {fwd:8.3f} {both:10.3f} {1e6 * both / (b * d * t):19.3f}", flush=True)
 

@@ -1,50 +1,119 @@
-"""The selective scan alone, forward + backward, per backend and shape (one GPU): median ms over repeats.
+"""The selective scan alone (scan, D skip and SiLU(z) gate), forward and forward + backward, per backend and shape,
+on one GPU: median ms over repeats, and the agreement of every output and gradient with mamba-ssm's.
 
-    python3 bench/scan_time.py
-Shapes (batch, d_inner, d_state, length) in bf16: the model's own (32, 512, 8, 2048) and mamba-ssm's reference
-(32, 1024, 16, 2048). The Triton kernel is timed at several (channel block, chunk, warps) settings.
+    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings 8,4,1 ...] [--script OTHER_train_gpt.py]
+Shapes are (batch, d_inner, d_state, length), bf16. Rows:
+  mamba_ssm        the model's path to mamba-ssm: its (batch, channels, time) layout, so five transposes in and one out
+  selective_scan   mamba-ssm's kernels alone on inputs already in its layout (what the issue's "x its time" means)
+  triton K,Wf,Wb   the script's kernels at chunk K, Wf warps per forward program, Wb per backward program
+  triton           a version of the script without those settings (--script), at its own
+Each version of the script runs in its own process: two versions in one would register the same custom ops twice.
+GB/s counts the bytes the scan must move at least (bf16 inputs read, output written; backward: those plus the
+gradients), over fwd+bwd time.
 """
+import argparse
+import importlib.util
 import os
 import sys
 
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt as tg  # noqa: E402
-
-TRITON_SETTINGS = [(16, 16, 4), (32, 16, 4), (32, 16, 8), (64, 16, 8), (32, 32, 8), (16, 32, 4), (64, 8, 4)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def inputs(b, d, n, t):
-    r = lambda *s: torch.randn(*s, device="cuda")
+def load_script(path):
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inputs(b, d, n, t, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
     leaves = [r(b, t, d).bfloat16(), (r(b, t, d) - 1).bfloat16(), -torch.exp(r(d, n) * 0.5), r(b, t, n).bfloat16(),
               r(b, t, n).bfloat16(), r(d), r(b, t, d).bfloat16(), r(d) * 0.5 - 2]
     return [x.requires_grad_() for x in leaves]
 
 
-def ms(fn, args, backward=True):
+def mamba_layout(args):
+    """The same inputs in mamba-ssm's layout, as new leaves: (batch, channels, time) and (batch, states, time)."""
+    t = lambda v: v.detach().transpose(1, 2).contiguous().requires_grad_()
+    u, delta, A, B, C, D, z, bias = args
+    return [t(u), t(delta), A, t(B), t(C), D, t(z), bias]
+
+
+def selective_scan(tg):
+    return lambda u, delta, A, B, C, D, z, bias: tg.mamba_scan_fwd(u, delta, A, B, C, D, z, bias)[0]
+
+
+def timed(fn, args, backward):
     dout = torch.randn_like(args[0])
     step = (lambda: torch.autograd.grad(fn(*args), args, dout)) if backward else (lambda: fn(*args))
-    return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(step, warmup=10, rep=100, return_mode="median")
+
+
+def outputs_and_grads(fn, args, dout):
+    out = fn(*args)
+    return [out, *torch.autograd.grad(out, args, dout)]
+
+
+def worst_error(fn, args, ref):
+    dout = torch.randn_like(args[0], generator=torch.Generator(device="cuda").manual_seed(1))
+    ours = outputs_and_grads(fn, args, dout)
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(ours, ref))
 
 
 def main():
-    default = (tg.SCAN_BLOCK_D, tg.SCAN_CHUNK, tg.SCAN_WARPS)
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="*", default=["64,512,8,2048", "64,512,4,2048", "64,256,4,2048",
+                                                   "64,1024,8,2048"])
+    p.add_argument("--settings", nargs="*", default=[], help="K,Wf,Wb; the script's own setting always runs")
+    p.add_argument("--script", default=os.path.join(ROOT, "train_gpt.py"))
+    a = p.parse_args()
+    tg = load_script(a.script)
+    tunable = hasattr(tg, "SCAN_CHUNK") and isinstance(getattr(tg, "SCAN_WARPS", 0), tuple)
+    own = (tg.SCAN_CHUNK, tg.SCAN_WARPS) if tunable else None
     rows = []
-    for shape in [(32, 512, 8, 2048), (32, 1024, 16, 2048)]:
-        args = inputs(*shape)
-        rows.append((shape, "mamba_ssm", ms(tg.mamba_scan, args, False), ms(tg.mamba_scan, args)))
-        for setting in TRITON_SETTINGS:
-            tg.SCAN_BLOCK_D, tg.SCAN_CHUNK, tg.SCAN_WARPS = setting
+    print(f"{'shape (b, d, n, t)':<22} {'backend':<20} {'fwd ms':>8} {'fwd+bwd':>8} {'GB/s':>6} {'max rel err':>11}",
+          flush=True)
+    for shape in a.shapes:
+        b, d, n, t = map(int, shape.split(","))
+        args = inputs(b, d, n, t)
+        moved = 2 * (b * t * (3 * d + 2 * n) + b * t * d) + 2 * (b * t * (4 * d + 2 * n) + 3 * b * t * d)
+        dout = torch.randn_like(args[0], generator=torch.Generator(device="cuda").manual_seed(1))
+        ref = outputs_and_grads(tg.mamba_scan, args, dout)
+        variants = [("mamba_ssm", tg.mamba_scan, args, None),
+                    ("selective_scan", selective_scan(tg), mamba_layout(args), None)]
+        if tunable:
+            settings = [(own[0], *own[1])] + [tuple(map(int, s.split(","))) for s in a.settings]
+            variants += [("triton %d,%d,%d" % s, tg.triton_scan, args, s) for s in dict.fromkeys(settings)]
+        else:
+            variants.append(("triton", tg.triton_scan, args, None))
+        for name, fn, xs, setting in variants:
+            if setting is not None:
+                tg.SCAN_CHUNK, tg.SCAN_WARPS = setting[0], setting[1:]
             try:
-                rows.append((shape, "triton BD,K,W=%d,%d,%d" % setting, ms(tg.triton_scan, args, False), ms(tg.triton_scan, args)))
-            except Exception as e:  # e.g. out of shared memory or registers at this setting
-                print(shape, setting, type(e).__name__, str(e)[:200])
-        tg.SCAN_BLOCK_D, tg.SCAN_CHUNK, tg.SCAN_WARPS = default
-    print(f"\n{'shape (b, d, n, t)':<24} {'backend':<22} {'fwd ms':>8} {'fwd+bwd ms':>10}")
-    for shape, name, f, fb in rows:
-        print(f"{str(shape):<24} {name:<22} {f:8.3f} {fb:10.3f}")
+                err = worst_error(fn, args, ref) if xs is args else float("nan")
+                f, fb = timed(fn, xs, False), timed(fn, xs, True)
+            except Exception as e:  # a setting out of registers or shared memory: report and go on
+                print(f"{str((b, d, n, t)):<22} {name:<20} {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            finally:
+                if tunable:
+                    tg.SCAN_CHUNK, tg.SCAN_WARPS = own
+            rows.append((shape, name, f, fb, moved / fb / 1e6, err))
+            print(f"{str((b, d, n, t)):<22} {name:<20} {f:8.3f} {fb:8.3f} {moved / fb / 1e6:6.0f} {err:11.2e}",
+                  flush=True)
+        del args, ref
+        torch.cuda.empty_cache()
+    print("\nratios to selective_scan (fwd+bwd), per shape:")
+    for shape in a.shapes:
+        base = [r[3] for r in rows if r[0] == shape and r[1] == "selective_scan"]
+        for r in rows:
+            if r[0] == shape and base:
+                print(f"  {shape:<18} {r[1]:<20} {r[3] / base[0]:6.3f}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def main():
         ms = statistics.median(times)
         mfu = flops_per_token(args) * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
         rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
+        print(f"{impl}: {ms:.1f} ms/step, peak {rows[-1][4]:.1f} GiB, MFU {mfu:.1%}", flush=True)
         if impl in a.profile.split(","):
             n = 5
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -29,7 +29,9 @@ h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
 ref_out, ref_final = tg.scan_from_state(*[x.double() for x in inputs], h0.double())
 assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.double() - ref_final).norm() <= 2e-5 * ref_final.norm()
-torch.library.opcheck(tg.triton_scan_fwd, [x.contiguous().requires_grad_() for x in inputs] + [h0])
+op_inputs = [x.contiguous().requires_grad_() for x in inputs]
+op_inputs[2] = inputs[2].t().contiguous().requires_grad_()  # the op takes A^T and h0 as (batch, d_state, d_inner)
+torch.library.opcheck(tg.triton_scan_fwd, op_inputs + [h0.mT.contiguous()])
 print("ok")
 """
 
