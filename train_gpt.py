@@ -413,6 +413,7 @@ except ImportError:
 
 SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
 SCAN_CHUNK = 4  # steps per saved state, fastest at states 4 and 8; the backward keeps a chunk's states in registers
+SCAN_FWD_SAVES = 2  # saved states per forward chunk: the forward loads SCAN_CHUNK * SCAN_FWD_SAVES steps at a time
 
 
 def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
@@ -469,16 +470,20 @@ if triton is not None:
     # spread each channel's states over several threads.
     @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         KF: tl.constexpr):
+        """Walks chunks of KF steps, saving the state every K steps (NC of them, then the final state)."""
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
-        for c in range(NC):
-            tl.store(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, h, mask=tm)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, KF)
+        for c in range(tl.cdiv(NC, KF // K)):
             us, xs, zs, Bs, Cs = nxt
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
-            for k in tl.static_range(K):
-                t = c * K + k
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, KF)
+            for k in tl.static_range(KF):
+                if k % K == 0:  # past the end, the state passes through unchanged: a save there is the final state
+                    tl.store(ckpt_ptr + (b * (NC + 1) + tl.minimum(c * (KF // K) + k // K, NC)) * N * DI + tile, h,
+                             mask=tm)
+                t = c * KF + k
                 m, u, z = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32)
                 dt = _softplus(xs[k].to(tl.float32) + bias, m)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
@@ -542,7 +547,7 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
     out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
     _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
-                           **meta)
+                           KF=SCAN_CHUNK * SCAN_FWD_SAVES, **meta)
     return out, ckpt
 
 

@@ -15,15 +15,16 @@ CHECK = """
 import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
-for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]:
-    tg.SCAN_CHUNK = chunk
+cases = [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]
+for saves, (chunk, shape) in [(2, c) for c in cases] + [(1, c) for c in cases[:4]]:  # saved states per forward chunk
+    tg.SCAN_CHUNK, tg.SCAN_FWD_SAVES = chunk, saves
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
     ours = outputs_and_grads(tg.triton_scan, inputs, dout)
     ref = outputs_and_grads(sequential_scan, [x.double() for x in inputs], dout.double())
     for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], ours, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
-        assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
+        assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (saves, chunk, shape, name)
 tg.SCAN_CHUNK = 4
 inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
 h0 = torch.randn(2, 5, 3)
@@ -71,6 +72,7 @@ def test_forward_keeps_each_channel_in_one_thread(d_state):
     import train_gpt as tg
 
     warps = tg.SCAN_WARPS[0]
-    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=tg.SCAN_CHUNK), warps)
+    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=tg.SCAN_CHUNK,
+                                               KF=tg.SCAN_CHUNK * tg.SCAN_FWD_SAVES), warps)
     assert len(set(re.findall(r"#blocked\d* = ", ir))) == 1
     assert "ttg.convert_layout" not in ir and "local_alloc" not in ir
