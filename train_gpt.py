@@ -73,7 +73,7 @@ class Hyperparameters:
         env("dt_min", 1e-3)
         env("dt_max", 1e-1)
         env("scan_impl", "auto")  # auto | triton | mamba_ssm | torch
-        env("conv_impl", "auto")  # auto | causal_conv1d | torch
+        env("conv_impl", "auto")  # auto | triton | causal_conv1d | torch
         # training
         env("train_seq_len", 2048)
         env("train_batch_tokens", 1048576)
@@ -601,9 +601,116 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
+CONV_TILE = (16, 64, 256)  # time steps and channels per block, time steps per program (a multiple of the block)
+
+
+if triton is not None:
+    # A program walks CONV_TILE[2] steps of one sequence in blocks; each shifted input a tap needs is its own load,
+    # served from the cache. The backward recomputes the pre-activation at the K shifts that reach its block's
+    # inputs, and writes the weight and bias gradients as per-program partial sums (deterministic, no atomics).
+    @triton.jit
+    def _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K: tl.constexpr):
+        """x at times t - K + 1 ... t + K - 1, (BT, BD) each; 0 outside the sequence."""
+        taps = ()
+        for s in tl.static_range(2 * K - 1):
+            ts = t + s - (K - 1)
+            taps = taps + (tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T), other=0.0),)
+        return taps
+
+    @triton.jit
+    def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, T, DI, sxb, sxt, K: tl.constexpr, BT: tl.constexpr,
+                         BD: tl.constexpr, TP: tl.constexpr):
+        b, d = tl.program_id(0).to(tl.int64), tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
+        dm = d < DI
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0)
+        for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
+            t, acc = t0 + tl.arange(0, BT)[:, None], bias
+            for i in tl.static_range(K):
+                ts = t + i - (K - 1)
+                xi = tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T), other=0.0)
+                acc = acc + xi.to(tl.float32) * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
+            tl.store(out_ptr + (b * T + t) * DI + d, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+                     mask=dm & (t < T))
+
+    @triton.jit
+    def _conv_bwd_kernel(dout_ptr, x_ptr, w_ptr, bias_ptr, dx_ptr, dw_ptr, dbias_ptr, T, DI, sxb, sxt,
+                         K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr):
+        b, d = tl.program_id(0).to(tl.int64), tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
+        dm, part = d < DI, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0)
+        dbias, dws = tl.zeros((BT, BD), tl.float32), ()  # summed over time at the end
+        for i in tl.static_range(K):
+            dws = dws + (tl.zeros((BT, BD), tl.float32),)
+        for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
+            t = t0 + tl.arange(0, BT)[:, None]
+            taps, dx = _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K), tl.zeros((BT, BD), tl.float32)
+            for j in tl.static_range(K):  # dL/d(pre-activation) at t + j, which reads x[t] through tap K - 1 - j
+                pre = bias
+                for i in tl.static_range(K):
+                    pre = pre + taps[j + i].to(tl.float32) * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
+                sig, tj = tl.sigmoid(pre), t + j
+                g = tl.load(dout_ptr + (b * T + tj) * DI + d, mask=dm & (tj < T), other=0.0).to(tl.float32)
+                g = g * sig * (1 + pre * (1 - sig))
+                dx += g * tl.load(w_ptr + d * K + K - 1 - j, mask=dm, other=0.0)
+                if j == 0:
+                    dbias, grown = dbias + g, ()
+                    for i in tl.static_range(K):
+                        grown = grown + (dws[i] + g * taps[i].to(tl.float32),)
+                    dws = grown
+            tl.store(dx_ptr + (b * T + t) * DI + d, dx.to(dx_ptr.dtype.element_ty), mask=dm & (t < T))
+        tl.store(dbias_ptr + part * DI + d, tl.sum(dbias, axis=0, keep_dims=True), mask=dm)
+        for i in tl.static_range(K):
+            tl.store(dw_ptr + (part * DI + d) * K + i, tl.sum(dws[i], axis=0, keep_dims=True), mask=dm)
+
+
+def _conv_launch(x: Tensor) -> tuple[tuple[int, int, int], tuple[int, int], dict]:
+    """Grid, x's batch and time strides (any layout with contiguous channels), constants."""
+    bt, bd, tp = CONV_TILE
+    return ((x.size(0), triton.cdiv(x.size(1), tp), triton.cdiv(x.size(2), bd)), x.stride()[:2],
+            dict(BT=bt, BD=bd, TP=tp))
+
+
+@torch.library.custom_op("hymba::triton_conv_fwd", mutates_args=())
+def triton_conv_fwd(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    grid, strides, meta = _conv_launch(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _conv_fwd_kernel[grid](x, weight, bias, out, x.size(1), x.size(2), *strides, K=weight.size(1), **meta)
+    return out
+
+
+@triton_conv_fwd.register_fake
+def _(x, weight, bias):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("hymba::triton_conv_bwd", mutates_args=())
+def triton_conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grid, strides, meta = _conv_launch(x)
+    dx, parts = torch.empty(x.shape, dtype=x.dtype, device=x.device), grid[0] * grid[1]
+    dw, dbias = weight.new_empty(parts, *weight.shape), bias.new_empty(parts, *bias.shape)
+    _conv_bwd_kernel[grid](dout, x, weight, bias, dx, dw, dbias, x.size(1), x.size(2), *strides, K=weight.size(1),
+                           **meta)
+    return dx, dw.sum(0), dbias.sum(0)
+
+
+@triton_conv_bwd.register_fake
+def _(dout, x, weight, bias):
+    return _empty(x, weight, bias)
+
+
+triton_conv_fwd.register_autograd(lambda ctx, dout: triton_conv_bwd(dout.contiguous(), *ctx.saved_tensors),
+                                  setup_context=_save_for_backward)
+
+
+def triton_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(depthwise causal conv) of x (batch, time, channels), channels contiguous; weight and bias in fp32."""
+    return triton_conv_fwd(x if x.stride(2) == 1 else x.contiguous(), weight.float().contiguous(), bias.float())
+
+
 SCAN_BACKENDS = {"triton": (triton_scan, "triton"), "mamba_ssm": (mamba_scan, "selective_scan_cuda"),
                  "torch": (torch_scan_fwd, None)}
-CONV_BACKENDS = {"causal_conv1d": (causal_conv_cuda, "causal_conv1d"), "torch": (causal_conv_torch, None)}
+CONV_BACKENDS = {"triton": (triton_conv, "triton"), "causal_conv1d": (causal_conv_cuda, "causal_conv1d"),
+                 "torch": (causal_conv_torch, None)}
 
 
 def _unavailable(module: str | None, device: torch.device) -> str | None:

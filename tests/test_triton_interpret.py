@@ -16,7 +16,8 @@ import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
 cases = [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]
-for saves, (chunk, shape) in [(2, c) for c in cases] + [(1, c) for c in cases[:4]]:  # saved states per forward chunk
+more = [(1, c) for c in cases[:4]] + [(4, c) for c in cases[2:4]] + [(4, (2, (2, 33, 4, 13)))]
+for saves, (chunk, shape) in [(2, c) for c in cases] + more:  # saves: states saved per forward chunk
     tg.SCAN_CHUNK, tg.SCAN_FWD_SAVES = chunk, saves
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
@@ -34,6 +35,16 @@ assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.doubl
 op_inputs = [x.contiguous().requires_grad_() for x in inputs]
 op_inputs[2] = inputs[2].t().contiguous().requires_grad_()  # the op takes A^T and h0 as (batch, d_state, d_inner)
 torch.library.opcheck(tg.triton_scan_fwd, op_inputs + [h0.mT.contiguous()])
+tg.CONV_TILE = (4, 8, 12)  # several blocks and programs in time, masked channels
+for b, t, d, k in [(2, 37, 10, 4), (1, 5, 3, 4), (2, 30, 9, 3)]:
+    wide, w, bias, dout = torch.randn(b, t, d + 5), torch.randn(d, k), torch.randn(d), torch.randn(b, t, d)
+    results = []
+    for conv in (tg.triton_conv, tg.causal_conv_torch):
+        leaves = [v.clone().requires_grad_() for v in (wide, w, bias)]
+        out = conv(leaves[0][:, :, 5:], *leaves[1:])  # x: a slice of a wider tensor, as in the model
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    assert all((a - r).norm() <= 1e-6 * r.norm() for a, r in zip(*results)), (b, t, d, k)
+torch.library.opcheck(tg.triton_conv_fwd, [torch.randn(2, 9, 5, requires_grad=True), torch.randn(5, 4), torch.randn(5)])
 print("ok")
 """
 
