@@ -412,24 +412,32 @@ except ImportError:
     triton = None
 
 SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
-SCAN_CHUNK = 4  # steps per saved state, fastest at states 4 and 8; the backward keeps a chunk's states in registers
-SCAN_FWD_SAVES = 2  # saved states per forward chunk: the forward loads SCAN_CHUNK * SCAN_FWD_SAVES steps at a time
+SCAN_FWD_STEPS = 8  # steps the forward loads at a time
+SCAN_BWD_STEP_STATES = 16  # the backward re-runs chunks of this many (steps x states) from a saved state, in registers
+
+
+def scan_chunks(d_state: int) -> tuple[int, int]:
+    """(steps the forward loads at a time, steps per saved state = the backward's chunk), the first a multiple of
+    the second; states are padded to a power of two."""
+    k = max(1, SCAN_BWD_STEP_STATES >> (d_state - 1).bit_length())
+    return -(-SCAN_FWD_STEPS // k) * k, k
 
 
 def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
     """Grid, one program per (sequence, 32 * warps channels), and constants."""
     return (u.size(0), triton.cdiv(u.size(2), 32 * warps)), dict(
-        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=SCAN_CHUNK, num_warps=warps)
+        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=scan_chunks(d_state)[1], num_warps=warps)
 
 
 if triton is not None:
     # Each thread owns one channel of one sequence and walks its time steps one by one, all d_state states in
     # registers: state tiles are (state, channel) and d_inner is a run-time value, so Triton lays channels across
-    # threads and states within each thread, and the scan and the sums over states need no communication. Time goes
-    # in chunks of K steps; each chunk's inputs are loaded while the chunk before is computed, so that the loads'
-    # latency hides behind arithmetic. The forward saves the state entering each chunk; the backward re-runs a chunk
-    # from it, keeping the chunk's states in registers, then walks it backwards in time. Only dB and dC (sums over
-    # channels) need threads to talk: one sum across the block's channels per step.
+    # threads and states within each thread, and the scan and the sums over states need no communication. There is
+    # about one warp per scheduler (batch x d_inner threads in all), so the loads' latency must hide behind each
+    # thread's own arithmetic: inputs are loaded a chunk ahead, KF steps at a time in the forward. The forward saves
+    # the state every K steps; the backward re-runs those K steps from it, keeping their states in registers, then
+    # walks them backwards in time. Only dB and dC (sums over channels) need threads to talk: one sum across the
+    # block's channels per step.
 
     @triton.jit
     def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
@@ -472,7 +480,7 @@ if triton is not None:
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
                          T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
                          KF: tl.constexpr):
-        """Walks chunks of KF steps, saving the state every K steps (NC of them, then the final state)."""
+        """Walks chunks of KF steps, saving the state every K steps (NC states, then the final one)."""
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
         nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, KF)
@@ -547,13 +555,13 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
     out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
     _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
-                           KF=SCAN_CHUNK * SCAN_FWD_SAVES, **meta)
+                           KF=scan_chunks(A.size(0))[0], **meta)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
 def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
-    nc = -(-u.size(1) // SCAN_CHUNK)
+    nc = -(-u.size(1) // scan_chunks(A.size(0))[1])
     return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
 
 

@@ -1,7 +1,7 @@
 """The selective scan alone (scan, D skip and SiLU(z) gate), forward and forward + backward, per backend and shape,
 on one GPU: median ms over repeats, and the agreement of every output and gradient with mamba-ssm's.
 
-    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings SCAN_CHUNK=8,SCAN_WARPS=4:1 ...]
+    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings SCAN_FWD_STEPS=4,SCAN_WARPS=4:1 ...]
                                [--script OTHER_train_gpt.py]
 Shapes are (batch, d_inner, d_state, length), bf16. Rows:
   mamba_ssm        the model's path to mamba-ssm: its (batch, channels, time) layout, so five transposes in and one out
@@ -61,7 +61,7 @@ def outputs_and_grads(fn, args, dout):
 
 
 def parse_setting(tg, kv):
-    """'SCAN_CHUNK=8' -> ('SCAN_CHUNK', 8); a tuple constant's items are joined by ':' ('SCAN_WARPS=4:1')."""
+    """'SCAN_FWD_STEPS=4' -> ('SCAN_FWD_STEPS', 4); a tuple constant's items are joined by ':' ('SCAN_WARPS=4:1')."""
     name, value = kv.split("=")
     if not name.startswith("SCAN_") or not hasattr(tg, name):
         raise SystemExit(f"--settings: {name} is not one of the script's SCAN_* constants")
