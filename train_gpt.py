@@ -617,13 +617,21 @@ if triton is not None:
     # served from the cache. The backward recomputes the pre-activation at the K shifts that reach its block's
     # inputs, and writes the weight and bias gradients as per-program partial sums (deterministic, no atomics).
     @triton.jit
-    def _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K: tl.constexpr):
-        """x at times t - K + 1 ... t + K - 1, (BT, BD) each; 0 outside the sequence."""
+    def _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K: tl.constexpr, S: tl.constexpr):
+        """x at times t - K + 1 ... t - K + S, (BT, BD) fp32 each; 0 outside the sequence."""
         taps = ()
-        for s in tl.static_range(2 * K - 1):
+        for s in tl.static_range(S):
             ts = t + s - (K - 1)
-            taps = taps + (tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T), other=0.0),)
+            taps = taps + (tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T),
+                                   other=0.0).to(tl.float32),)
         return taps
+
+    @triton.jit
+    def _conv_pre(taps, j: tl.constexpr, w_ptr, bias, d, dm, K: tl.constexpr):
+        """The pre-activation at t + j."""
+        for i in tl.static_range(K):
+            bias = bias + taps[j + i] * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
+        return bias
 
     @triton.jit
     def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, T, DI, sxb, sxt, K: tl.constexpr, BT: tl.constexpr,
@@ -632,12 +640,9 @@ if triton is not None:
         dm = d < DI
         bias = tl.load(bias_ptr + d, mask=dm, other=0.0)
         for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
-            t, acc = t0 + tl.arange(0, BT)[:, None], bias
-            for i in tl.static_range(K):
-                ts = t + i - (K - 1)
-                xi = tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T), other=0.0)
-                acc = acc + xi.to(tl.float32) * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
-            tl.store(out_ptr + (b * T + t) * DI + d, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+            t = t0 + tl.arange(0, BT)[:, None]
+            pre = _conv_pre(_conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K, K), 0, w_ptr, bias, d, dm, K)
+            tl.store(out_ptr + (b * T + t) * DI + d, (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty),
                      mask=dm & (t < T))
 
     @triton.jit
@@ -651,19 +656,17 @@ if triton is not None:
             dws = dws + (tl.zeros((BT, BD), tl.float32),)
         for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
             t = t0 + tl.arange(0, BT)[:, None]
-            taps, dx = _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K), tl.zeros((BT, BD), tl.float32)
+            taps, dx = _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K, 2 * K - 1), tl.zeros((BT, BD), tl.float32)
             for j in tl.static_range(K):  # dL/d(pre-activation) at t + j, which reads x[t] through tap K - 1 - j
-                pre = bias
-                for i in tl.static_range(K):
-                    pre = pre + taps[j + i].to(tl.float32) * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
-                sig, tj = tl.sigmoid(pre), t + j
+                pre, tj = _conv_pre(taps, j, w_ptr, bias, d, dm, K), t + j
+                sig = tl.sigmoid(pre)
                 g = tl.load(dout_ptr + (b * T + tj) * DI + d, mask=dm & (tj < T), other=0.0).to(tl.float32)
                 g = g * sig * (1 + pre * (1 - sig))
                 dx += g * tl.load(w_ptr + d * K + K - 1 - j, mask=dm, other=0.0)
                 if j == 0:
                     dbias, grown = dbias + g, ()
                     for i in tl.static_range(K):
-                        grown = grown + (dws[i] + g * taps[i].to(tl.float32),)
+                        grown = grown + (dws[i] + g * taps[i],)
                     dws = grown
             tl.store(dx_ptr + (b * T + t) * DI + d, dx.to(dx_ptr.dtype.element_ty), mask=dm & (t < T))
         tl.store(dbias_ptr + part * DI + d, tl.sum(dbias, axis=0, keep_dims=True), mask=dm)
@@ -680,22 +683,20 @@ def _conv_launch(x: Tensor) -> tuple[tuple[int, int, int], tuple[int, int], dict
 
 @torch.library.custom_op("hymba::triton_conv_fwd", mutates_args=())
 def triton_conv_fwd(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    grid, strides, meta = _conv_launch(x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    (grid, strides, meta), out = _conv_launch(x), _empty(x)[0]
     _conv_fwd_kernel[grid](x, weight, bias, out, x.size(1), x.size(2), *strides, K=weight.size(1), **meta)
     return out
 
 
 @triton_conv_fwd.register_fake
 def _(x, weight, bias):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _empty(x)[0]
 
 
 @torch.library.custom_op("hymba::triton_conv_bwd", mutates_args=())
 def triton_conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grid, strides, meta = _conv_launch(x)
-    dx, parts = torch.empty(x.shape, dtype=x.dtype, device=x.device), grid[0] * grid[1]
-    dw, dbias = weight.new_empty(parts, *weight.shape), bias.new_empty(parts, *bias.shape)
+    (grid, strides, meta), dx = _conv_launch(x), _empty(x)[0]
+    dw, dbias = weight.new_empty(grid[0] * grid[1], *weight.shape), bias.new_empty(grid[0] * grid[1], *bias.shape)
     _conv_bwd_kernel[grid](dout, x, weight, bias, dx, dw, dbias, x.size(1), x.size(2), *strides, K=weight.size(1),
                            **meta)
     return dx, dw.sum(0), dbias.sum(0)
