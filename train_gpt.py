@@ -73,7 +73,7 @@ class Hyperparameters:
         env("dt_min", 1e-3)
         env("dt_max", 1e-1)
         env("scan_impl", "auto")  # auto | triton | mamba_ssm | torch
-        env("conv_impl", "auto")  # auto | causal_conv1d | torch
+        env("conv_impl", "auto")  # auto | triton | causal_conv1d | torch
         # training
         env("train_seq_len", 2048)
         env("train_batch_tokens", 1048576)
@@ -412,23 +412,32 @@ except ImportError:
     triton = None
 
 SCAN_WARPS = (4, 1)  # warps per program, forward and backward; one thread per channel
-SCAN_CHUNK = 4  # steps per saved state, fastest at states 4 and 8; the backward keeps a chunk's states in registers
+SCAN_FWD_STEPS = 8  # steps the forward loads at a time
+SCAN_BWD_STEP_STATES = 16  # the backward re-runs chunks of this many (steps x states) from a saved state, in registers
+
+
+def scan_chunks(d_state: int) -> tuple[int, int]:
+    """(steps the forward loads at a time, steps per saved state = the backward's chunk), the first a multiple of
+    the second; states are padded to a power of two."""
+    k = max(1, SCAN_BWD_STEP_STATES >> (d_state - 1).bit_length())
+    return -(-SCAN_FWD_STEPS // k) * k, k
 
 
 def _scan_launch(u: Tensor, d_state: int, warps: int) -> tuple[tuple[int, int], dict]:
     """Grid, one program per (sequence, 32 * warps channels), and constants."""
     return (u.size(0), triton.cdiv(u.size(2), 32 * warps)), dict(
-        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=SCAN_CHUNK, num_warps=warps)
+        N=d_state, NP=triton.next_power_of_2(d_state), BD=32 * warps, K=scan_chunks(d_state)[1], num_warps=warps)
 
 
 if triton is not None:
     # Each thread owns one channel of one sequence and walks its time steps one by one, all d_state states in
     # registers: state tiles are (state, channel) and d_inner is a run-time value, so Triton lays channels across
-    # threads and states within each thread, and the scan and the sums over states need no communication. Time goes
-    # in chunks of K steps; each chunk's inputs are loaded while the chunk before is computed, so that the loads'
-    # latency hides behind arithmetic. The forward saves the state entering each chunk; the backward re-runs a chunk
-    # from it, keeping the chunk's states in registers, then walks it backwards in time. Only dB and dC (sums over
-    # channels) need threads to talk: one sum across the block's channels per step.
+    # threads and states within each thread, and the scan and the sums over states need no communication. There is
+    # about one warp per scheduler (batch x d_inner threads in all), so the loads' latency must hide behind each
+    # thread's own arithmetic: inputs are loaded a chunk ahead, KF steps at a time in the forward. The forward saves
+    # the state every K steps; the backward re-runs those K steps from it, keeping their states in registers, then
+    # walks them backwards in time. Only dB and dC (sums over channels) need threads to talk: one sum across the
+    # block's channels per step.
 
     @triton.jit
     def _program_setup(A_ptr, D_ptr, bias_ptr, DI, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
@@ -469,16 +478,20 @@ if triton is not None:
     # spread each channel's states over several threads.
     @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         KF: tl.constexpr):
+        """Walks chunks of KF steps, saving the state every K steps (NC states, then the final one)."""
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, K)
-        for c in range(NC):
-            tl.store(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, h, mask=tm)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, KF)
+        for c in range(tl.cdiv(NC, KF // K)):
             us, xs, zs, Bs, Cs = nxt
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, K)
-            for k in tl.static_range(K):
-                t = c * K + k
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, KF)
+            for k in tl.static_range(KF):
+                if k % K == 0:  # past the end, the state passes through unchanged: a save there is the final state
+                    tl.store(ckpt_ptr + (b * (NC + 1) + tl.minimum(c * (KF // K) + k // K, NC)) * N * DI + tile, h,
+                             mask=tm)
+                t = c * KF + k
                 m, u, z = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32)
                 dt = _softplus(xs[k].to(tl.float32) + bias, m)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
@@ -542,13 +555,13 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
     out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
     _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
-                           **meta)
+                           KF=scan_chunks(A.size(0))[0], **meta)
     return out, ckpt
 
 
 @triton_scan_fwd.register_fake
 def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
-    nc = -(-u.size(1) // SCAN_CHUNK)
+    nc = -(-u.size(1) // scan_chunks(A.size(0))[1])
     return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
 
 
@@ -596,9 +609,117 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
+CONV_TILE = (16, 64, 256)  # time steps and channels per block, time steps per program (a multiple of the block)
+
+
+if triton is not None:
+    # A program walks CONV_TILE[2] steps of one sequence in blocks; each shifted input a tap needs is its own load,
+    # served from the cache. The backward recomputes the pre-activation at the K shifts that reach its block's
+    # inputs, and writes the weight and bias gradients as per-program partial sums (deterministic, no atomics).
+    @triton.jit
+    def _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K: tl.constexpr, S: tl.constexpr):
+        """x at times t - K + 1 ... t - K + S, (BT, BD) fp32 each; 0 outside the sequence."""
+        taps = ()
+        for s in tl.static_range(S):
+            ts = t + s - (K - 1)
+            taps = taps + (tl.load(x_ptr + b * sxb + ts * sxt + d, mask=dm & (ts >= 0) & (ts < T),
+                                   other=0.0).to(tl.float32),)
+        return taps
+
+    @triton.jit
+    def _conv_pre(taps, j: tl.constexpr, w_ptr, bias, d, dm, K: tl.constexpr):
+        """The pre-activation at t + j."""
+        for i in tl.static_range(K):
+            bias = bias + taps[j + i] * tl.load(w_ptr + d * K + i, mask=dm, other=0.0)
+        return bias
+
+    @triton.jit
+    def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, T, DI, sxb, sxt, K: tl.constexpr, BT: tl.constexpr,
+                         BD: tl.constexpr, TP: tl.constexpr):
+        b, d = tl.program_id(0).to(tl.int64), tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
+        dm = d < DI
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0)
+        for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
+            t = t0 + tl.arange(0, BT)[:, None]
+            pre = _conv_pre(_conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K, K), 0, w_ptr, bias, d, dm, K)
+            tl.store(out_ptr + (b * T + t) * DI + d, (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty),
+                     mask=dm & (t < T))
+
+    @triton.jit
+    def _conv_bwd_kernel(dout_ptr, x_ptr, w_ptr, bias_ptr, dx_ptr, dw_ptr, dbias_ptr, T, DI, sxb, sxt,
+                         K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr):
+        b, d = tl.program_id(0).to(tl.int64), tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
+        dm, part = d < DI, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0)
+        dbias, dws = tl.zeros((BT, BD), tl.float32), ()  # summed over time at the end
+        for i in tl.static_range(K):
+            dws = dws + (tl.zeros((BT, BD), tl.float32),)
+        for t0 in tl.range(tl.program_id(1) * TP, tl.minimum(T, tl.program_id(1) * TP + TP), BT):
+            t = t0 + tl.arange(0, BT)[:, None]
+            taps, dx = _conv_taps(x_ptr, b, t, d, dm, T, sxb, sxt, K, 2 * K - 1), tl.zeros((BT, BD), tl.float32)
+            for j in tl.static_range(K):  # dL/d(pre-activation) at t + j, which reads x[t] through tap K - 1 - j
+                pre, tj = _conv_pre(taps, j, w_ptr, bias, d, dm, K), t + j
+                sig = tl.sigmoid(pre)
+                g = tl.load(dout_ptr + (b * T + tj) * DI + d, mask=dm & (tj < T), other=0.0).to(tl.float32)
+                g = g * sig * (1 + pre * (1 - sig))
+                dx += g * tl.load(w_ptr + d * K + K - 1 - j, mask=dm, other=0.0)
+                if j == 0:
+                    dbias, grown = dbias + g, ()
+                    for i in tl.static_range(K):
+                        grown = grown + (dws[i] + g * taps[i],)
+                    dws = grown
+            tl.store(dx_ptr + (b * T + t) * DI + d, dx.to(dx_ptr.dtype.element_ty), mask=dm & (t < T))
+        tl.store(dbias_ptr + part * DI + d, tl.sum(dbias, axis=0, keep_dims=True), mask=dm)
+        for i in tl.static_range(K):
+            tl.store(dw_ptr + (part * DI + d) * K + i, tl.sum(dws[i], axis=0, keep_dims=True), mask=dm)
+
+
+def _conv_launch(x: Tensor) -> tuple[tuple[int, int, int], tuple[int, int], dict]:
+    """Grid, x's batch and time strides (any layout with contiguous channels), constants."""
+    bt, bd, tp = CONV_TILE
+    return ((x.size(0), triton.cdiv(x.size(1), tp), triton.cdiv(x.size(2), bd)), x.stride()[:2],
+            dict(BT=bt, BD=bd, TP=tp))
+
+
+@torch.library.custom_op("hymba::triton_conv_fwd", mutates_args=())
+def triton_conv_fwd(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    (grid, strides, meta), out = _conv_launch(x), _empty(x)[0]
+    _conv_fwd_kernel[grid](x, weight, bias, out, x.size(1), x.size(2), *strides, K=weight.size(1), **meta)
+    return out
+
+
+@triton_conv_fwd.register_fake
+def _(x, weight, bias):
+    return _empty(x)[0]
+
+
+@torch.library.custom_op("hymba::triton_conv_bwd", mutates_args=())
+def triton_conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    (grid, strides, meta), dx = _conv_launch(x), _empty(x)[0]
+    dw, dbias = weight.new_empty(grid[0] * grid[1], *weight.shape), bias.new_empty(grid[0] * grid[1], *bias.shape)
+    _conv_bwd_kernel[grid](dout, x, weight, bias, dx, dw, dbias, x.size(1), x.size(2), *strides, K=weight.size(1),
+                           **meta)
+    return dx, dw.sum(0), dbias.sum(0)
+
+
+@triton_conv_bwd.register_fake
+def _(dout, x, weight, bias):
+    return _empty(x, weight, bias)
+
+
+triton_conv_fwd.register_autograd(lambda ctx, dout: triton_conv_bwd(dout.contiguous(), *ctx.saved_tensors),
+                                  setup_context=_save_for_backward)
+
+
+def triton_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(depthwise causal conv) of x (batch, time, channels), channels contiguous; weight and bias in fp32."""
+    return triton_conv_fwd(x if x.stride(2) == 1 else x.contiguous(), weight.float().contiguous(), bias.float())
+
+
 SCAN_BACKENDS = {"triton": (triton_scan, "triton"), "mamba_ssm": (mamba_scan, "selective_scan_cuda"),
                  "torch": (torch_scan_fwd, None)}
-CONV_BACKENDS = {"causal_conv1d": (causal_conv_cuda, "causal_conv1d"), "torch": (causal_conv_torch, None)}
+CONV_BACKENDS = {"triton": (triton_conv, "triton"), "causal_conv1d": (causal_conv_cuda, "causal_conv1d"),
+                 "torch": (causal_conv_torch, None)}
 
 
 def _unavailable(module: str | None, device: torch.device) -> str | None:

@@ -1,12 +1,13 @@
 """The selective scan alone (scan, D skip and SiLU(z) gate), forward and forward + backward, per backend and shape,
 on one GPU: median ms over repeats, and the agreement of every output and gradient with mamba-ssm's.
 
-    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings 8,4,1 ...] [--script OTHER_train_gpt.py]
+    python3 bench/scan_time.py [--shapes 64,512,8,2048 ...] [--settings SCAN_FWD_STEPS=4,SCAN_WARPS=4:1 ...]
+                               [--script OTHER_train_gpt.py]
 Shapes are (batch, d_inner, d_state, length), bf16. Rows:
   mamba_ssm        the model's path to mamba-ssm: its (batch, channels, time) layout, so five transposes in and one out
   selective_scan   mamba-ssm's kernels alone on inputs already in its layout (what the issue's "x its time" means)
-  triton K,Wf,Wb   the script's kernels at chunk K, Wf warps per forward program, Wb per backward program
-  triton           a version of the script without those settings (--script), at its own
+  triton           the script's kernels at its own settings
+  triton NAME=...  the same with some of the script's SCAN_* constants set otherwise (a tuple's items joined by ':')
 Each version of the script runs in its own process: two versions in one would register the same custom ops twice.
 GB/s counts the bytes the scan must move at least (bf16 inputs read, output written; backward: those plus the
 gradients), over fwd+bwd time.
@@ -59,6 +60,15 @@ def outputs_and_grads(fn, args, dout):
     return [out, *torch.autograd.grad(out, args, dout)]
 
 
+def parse_setting(tg, kv):
+    """'SCAN_FWD_STEPS=4' -> ('SCAN_FWD_STEPS', 4); a tuple constant's items are joined by ':' ('SCAN_WARPS=4:1')."""
+    name, value = kv.split("=")
+    if not name.startswith("SCAN_") or not hasattr(tg, name):
+        raise SystemExit(f"--settings: {name} is not one of the script's SCAN_* constants")
+    items = tuple(int(v) for v in value.split(":"))
+    return name, items if isinstance(getattr(tg, name), tuple) else items[0]
+
+
 def worst_error(fn, args, dout, ref):
     ours = outputs_and_grads(fn, args, dout)
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(ours, ref))
@@ -68,14 +78,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["64,512,8,2048", "64,512,4,2048", "64,256,4,2048",
                                                    "64,1024,8,2048"])
-    p.add_argument("--settings", nargs="*", default=[], help="K,Wf,Wb; the script's own setting always runs")
+    p.add_argument("--settings", nargs="*", default=[], help="NAME=value,... of the script's SCAN_* constants")
     p.add_argument("--script", default=os.path.join(ROOT, "train_gpt.py"))
     a = p.parse_args()
     tg = load_script(a.script)
-    tunable = hasattr(tg, "SCAN_CHUNK") and isinstance(getattr(tg, "SCAN_WARPS", 0), tuple)
-    own = (tg.SCAN_CHUNK, tg.SCAN_WARPS) if tunable else None
+    settings = [dict(parse_setting(tg, kv) for kv in s.split(",")) for s in a.settings]
+    own = {name: getattr(tg, name) for s in settings for name in s}
     rows = []
-    print(f"{'shape (b, d, n, t)':<22} {'backend':<20} {'fwd ms':>8} {'fwd+bwd':>8} {'GB/s':>6} {'max rel err':>11}",
+    print(f"{'shape (b, d, n, t)':<22} {'backend':<40} {'fwd ms':>8} {'fwd+bwd':>8} {'GB/s':>6} {'max rel err':>11}",
           flush=True)
     for shape in a.shapes:
         b, d, n, t = map(int, shape.split(","))
@@ -83,27 +93,23 @@ def main():
         moved = 2 * (b * t * (3 * d + 2 * n) + b * t * d) + 2 * (b * t * (4 * d + 2 * n) + 3 * b * t * d)
         dout = torch.randn_like(args[0], generator=torch.Generator(device="cuda").manual_seed(1))
         ref = outputs_and_grads(tg.mamba_scan, args, dout)
-        variants = [("mamba_ssm", tg.mamba_scan, args, None),
-                    ("selective_scan", selective_scan(tg), mamba_layout(args), None)]
-        if tunable:
-            settings = [(own[0], *own[1])] + [tuple(map(int, s.split(","))) for s in a.settings]
-            variants += [("triton %d,%d,%d" % s, tg.triton_scan, args, s) for s in dict.fromkeys(settings)]
-        else:
-            variants.append(("triton", tg.triton_scan, args, None))
+        variants = [("mamba_ssm", tg.mamba_scan, args, {}),
+                    ("selective_scan", selective_scan(tg), mamba_layout(args), {}), ("triton", tg.triton_scan, args, {})]
+        variants += [("triton " + s, tg.triton_scan, args, setting) for s, setting in zip(a.settings, settings)]
         for name, fn, xs, setting in variants:
-            if setting is not None:
-                tg.SCAN_CHUNK, tg.SCAN_WARPS = setting[0], setting[1:]
+            for constant, value in setting.items():
+                setattr(tg, constant, value)
             try:
                 err = worst_error(fn, args, dout, ref) if xs is args else float("nan")
                 f, fb = timed(fn, xs, False), timed(fn, xs, True)
             except Exception as e:  # a setting out of registers or shared memory: report and go on
-                print(f"{str((b, d, n, t)):<22} {name:<20} {type(e).__name__}: {str(e)[:120]}", flush=True)
+                print(f"{str((b, d, n, t)):<22} {name:<40} {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
             finally:
-                if tunable:
-                    tg.SCAN_CHUNK, tg.SCAN_WARPS = own
+                for constant, value in own.items():
+                    setattr(tg, constant, value)
             rows.append((shape, name, f, fb, moved / fb / 1e6, err))
-            print(f"{str((b, d, n, t)):<22} {name:<20} {f:8.3f} {fb:8.3f} {moved / fb / 1e6:6.0f} {err:11.2e}",
+            print(f"{str((b, d, n, t)):<22} {name:<40} {f:8.3f} {fb:8.3f} {moved / fb / 1e6:6.0f} {err:11.2e}",
                   flush=True)
         del args, ref
         torch.cuda.empty_cache()
@@ -112,7 +118,7 @@ def main():
         base = [r[3] for r in rows if r[0] == shape and r[1] == "selective_scan"]
         for r in rows:
             if r[0] == shape and base:
-                print(f"  {shape:<18} {r[1]:<20} {r[3] / base[0]:6.3f}")
+                print(f"  {shape:<18} {r[1]:<40} {r[3] / base[0]:6.3f}")
 
 
 if __name__ == "__main__":

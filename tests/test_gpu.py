@@ -1,4 +1,4 @@
-"""CUDA-only checks (skipped elsewhere): mamba-ssm's kernel, the Triton kernel and the torch scan agree,
+"""CUDA-only checks (skipped elsewhere): mamba-ssm's kernel, the Triton kernels and the torch scan and conv agree,
 standalone and inside the model, eager and under torch.compile(fullgraph=True); GPTQ gives the CPU's integers."""
 import pytest
 import torch
@@ -20,10 +20,11 @@ def scan_inputs(b, d, n, t, dtype):
             r(b, t, n).to(dtype), r(d), r(b, t, d).to(dtype), r(d) * 0.5 - 2]
 
 
-def fast_scan(backend):
-    """The backend's scan; the test is skipped where it cannot run (mamba-ssm not installed, say)."""
+def fast_backends(backend):
+    """The backend's scan and conv (torch's conv where it has none); skipped where it cannot run (mamba-ssm not
+    installed, say)."""
     try:
-        return tg.resolve_backends(backend, "torch", torch.device("cuda"))[0]
+        return tg.resolve_backends(backend, backend if backend in tg.CONV_BACKENDS else "torch", torch.device("cuda"))
     except RuntimeError as e:
         pytest.skip(str(e))
 
@@ -38,12 +39,29 @@ def grads(fn, inputs, dout):
 @pytest.mark.parametrize("shape", [(2, 64, 8, 2048), (1, 48, 16, 1000), (3, 40, 4, 37), (1, 32, 8, 2100)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_scan_backends_agree(backend, shape, dtype, tol):
-    fast_fn = fast_scan(backend)
+    fast_fn = fast_backends(backend)[0]
     inputs = scan_inputs(*shape, dtype)
     dout = torch.randn_like(inputs[0])
     fast, own = grads(fast_fn, inputs, dout), grads(tg.torch_scan_fwd, inputs, dout)
     errors = [rel(a, b) for a, b in zip(fast, own)]
     print(backend, shape, dtype, ["%.1e" % e for e in errors])
+    assert max(errors) < tol
+
+
+@pytest.mark.parametrize("shape", [(2, 2048, 256), (3, 37, 40), (1, 1000, 100)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_triton_conv_matches_torch(shape, dtype, tol):
+    b, t, d = shape
+    wide, dout = torch.randn(b, t, 2 * d + 8, device="cuda", dtype=dtype), torch.randn(b, t, d, device="cuda", dtype=dtype)
+    w, bias = torch.randn(d, 4, device="cuda"), torch.randn(d, device="cuda")
+
+    def outputs_and_grads(conv):  # x is a slice of a wider tensor, as the split of in_proj's output is
+        leaves = [wide.clone().requires_grad_(), w.clone().requires_grad_(), bias.clone().requires_grad_()]
+        out = conv(leaves[0][:, :, d : 2 * d], *leaves[1:])
+        return [out, *torch.autograd.grad(out, leaves, dout)]
+
+    errors = [rel(a, b) for a, b in zip(outputs_and_grads(tg.triton_conv), outputs_and_grads(tg.causal_conv_torch))]
+    print(shape, dtype, ["%.1e" % e for e in errors])
     assert max(errors) < tol
 
 
@@ -60,9 +78,9 @@ def test_model_backends_agree(backend, compiled):
     args = tiny_args()
     x = torch.randint(0, args.vocab_size, (4, args.train_seq_len), device="cuda")
     results = []
-    for scan in (fast_scan(backend), tg.torch_scan_fwd):
+    for scan, conv, _ in (fast_backends(backend), (tg.torch_scan_fwd, tg.causal_conv_torch, "")):
         torch.manual_seed(0)
-        model = tg.GPT(args, scan, tg.causal_conv_torch).cuda()
+        model = tg.GPT(args, scan, conv).cuda()
         unzero_output_projections(model, std=0.02)  # so that every gradient is exercised
         run = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", torch.bfloat16):

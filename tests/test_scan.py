@@ -64,7 +64,7 @@ def test_backend_choice_on_cpu():
     assert scan is tg.torch_scan_fwd and conv is tg.causal_conv_torch and desc.startswith("scan:torch")
     with pytest.raises(RuntimeError, match="SCAN_IMPL=mamba_ssm but it cannot run here"):
         tg.resolve_backends("mamba_ssm", "torch", torch.device("cpu"))
-    with pytest.raises(ValueError, match="CONV_IMPL=cudnn: expected auto, causal_conv1d, torch"):
+    with pytest.raises(ValueError, match="CONV_IMPL=cudnn: expected auto, triton, causal_conv1d, torch"):
         tg.resolve_backends("auto", "cudnn", torch.device("cpu"))
 
 

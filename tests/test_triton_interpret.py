@@ -15,16 +15,20 @@ CHECK = """
 import sys, torch
 import train_gpt as tg
 from test_scan import outputs_and_grads, random_inputs, sequential_scan
-for chunk, shape in [(4, (1, 3, 2, 1)), (4, (2, 5, 3, 7)), (4, (1, 40, 8, 9)), (4, (2, 33, 4, 13)), (64, (1, 35, 16, 130))]:
-    tg.SCAN_CHUNK = chunk
+# (steps loaded by the forward, steps x states of the backward's chunk, shape): chunks of 1 to 64 steps
+cases = [(8, 16, (1, 3, 2, 1)), (8, 16, (2, 5, 3, 7)), (8, 16, (1, 40, 8, 9)), (8, 16, (2, 33, 4, 13)),
+         (4, 16, (2, 33, 4, 13)), (4, 16, (1, 40, 8, 9)), (16, 16, (2, 33, 4, 13)), (1, 1, (2, 5, 3, 7)),
+         (64, 1024, (1, 35, 16, 130))]
+for fwd_steps, step_states, shape in cases:
+    tg.SCAN_FWD_STEPS, tg.SCAN_BWD_STEP_STATES = fwd_steps, step_states
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
     dout = torch.randn(shape[0], shape[3], shape[1])
     ours = outputs_and_grads(tg.triton_scan, inputs, dout)
     ref = outputs_and_grads(sequential_scan, [x.double() for x in inputs], dout.double())
     for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], ours, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
-        assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (chunk, shape, name)
-tg.SCAN_CHUNK = 4
+        assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (tg.scan_chunks(shape[2]), shape, name)
+tg.SCAN_FWD_STEPS, tg.SCAN_BWD_STEP_STATES = 8, 16
 inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
 h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
@@ -33,6 +37,16 @@ assert (out.double() - ref_out).norm() <= 2e-5 * ref_out.norm() and (final.doubl
 op_inputs = [x.contiguous().requires_grad_() for x in inputs]
 op_inputs[2] = inputs[2].t().contiguous().requires_grad_()  # the op takes A^T and h0 as (batch, d_state, d_inner)
 torch.library.opcheck(tg.triton_scan_fwd, op_inputs + [h0.mT.contiguous()])
+tg.CONV_TILE = (4, 8, 12)  # several blocks and programs in time, masked channels
+for b, t, d, k in [(2, 37, 10, 4), (1, 5, 3, 4), (2, 30, 9, 3)]:
+    wide, w, bias, dout = torch.randn(b, t, d + 5), torch.randn(d, k), torch.randn(d), torch.randn(b, t, d)
+    results = []
+    for conv in (tg.triton_conv, tg.causal_conv_torch):
+        leaves = [v.clone().requires_grad_() for v in (wide, w, bias)]
+        out = conv(leaves[0][:, :, 5:], *leaves[1:])  # x: a slice of a wider tensor, as in the model
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    assert all((a - r).norm() <= 1e-6 * r.norm() for a, r in zip(*results)), (b, t, d, k)
+torch.library.opcheck(tg.triton_conv_fwd, [torch.randn(2, 9, 5, requires_grad=True), torch.randn(5, 4), torch.randn(5)])
 print("ok")
 """
 
@@ -71,6 +85,7 @@ def test_forward_keeps_each_channel_in_one_thread(d_state):
     import train_gpt as tg
 
     warps = tg.SCAN_WARPS[0]
-    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=tg.SCAN_CHUNK), warps)
+    kf, k = tg.scan_chunks(d_state)
+    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=k, KF=kf), warps)
     assert len(set(re.findall(r"#blocked\d* = ", ir))) == 1
     assert "ttg.convert_layout" not in ir and "local_alloc" not in ir
