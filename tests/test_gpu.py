@@ -52,7 +52,8 @@ def test_scan_backends_agree(backend, shape, dtype, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_triton_conv_matches_torch(shape, dtype, tol):
     b, t, d = shape
-    wide, dout = torch.randn(b, t, 2 * d + 8, device="cuda", dtype=dtype), torch.randn(b, t, d, device="cuda", dtype=dtype)
+    wide = torch.randn(b, t, 2 * d + 8, device="cuda", dtype=dtype)
+    dout = torch.randn(b, t, d, device="cuda", dtype=dtype)
     w, bias = torch.randn(d, 4, device="cuda"), torch.randn(d, device="cuda")
 
     def outputs_and_grads(conv):  # x is a slice of a wider tensor, as the split of in_proj's output is
