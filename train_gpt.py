@@ -361,7 +361,7 @@ torch_scan_bwd.register_fake(_fake_grads)
 
 
 def _save_for_backward(ctx, inputs, output):
-    """Every scan and conv op's backward takes its inputs, then the forward's extra outputs (saved states)."""
+    """A scan or conv op's backward takes the op's inputs, then its extra outputs (saved states), if any."""
     ctx.save_for_backward(*inputs, *(output[1:] if isinstance(output, tuple) else ()))
 
 
