@@ -2,11 +2,12 @@
 # Two P1 runs side by side on a 2-GPU machine, one per GPU, each in its own working folder (an A/B pair).
 #   DATA_PATH=... TOKENIZER_PATH=... OUT=results/ bash bench/p1_pair.sh "TAG SCRIPT [VAR=value ...]" ["TAG SCRIPT ..."]
 # SCRIPT is a copy of train_gpt.py (e.g. `git show BRANCH:train_gpt.py > b.py`); each run gets the P1 command's
-# settings (131,072 tokens per step: one rank's share of the default 1,048,576), then its own VAR=value ones (SEED and
-# TRAIN_BATCH_TOKENS may differ from P1's; the wallclock, the accumulation, the scoring mode and the paths may
-# not). Logs and stdout go to $OUT; a table ends the output. LIMIT: seconds a run may take (540).
+# settings (131,072 tokens per step: one rank's share of the default 1,048,576; no test-time training), then its own
+# VAR=value ones (SEED, TRAIN_BATCH_TOKENS and TTT_EPOCHS may differ from P1's; the wallclock, the accumulation, the
+# scoring mode and the paths may not). Logs and stdout go to $OUT; a table ends the output. LIMIT: seconds a run
+# may take (540).
 set -u
-[ $# -ge 1 ] || { sed -n 2,7p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,8p "$0"; exit 2; }
 for spec in "$@"; do
   if [[ " $spec" =~ \ (MAX_WALLCLOCK_SECONDS|GRAD_ACCUM_STEPS|EVAL_MODE|DATA_PATH|TOKENIZER_PATH|RUN_ID|CUDA_VISIBLE_DEVICES)= ]]; then
     echo "p1_pair: '$spec' sets ${BASH_REMATCH[1]}, which P1 fixes" >&2; exit 2
@@ -17,7 +18,7 @@ DATA_PATH=$(realpath "$DATA_PATH"); TOKENIZER_PATH=$(realpath "$TOKENIZER_PATH")
 run() {  # gpu tag script [VAR=value ...]
   local gpu=$1 tag=$2 script=$(realpath "$3"); shift 3
   local w; w=$(mktemp -d); mkdir -p "$w/logs"; cp "$script" "$w/train_gpt.py"
-  ( cd "$w" && env SEED=1337 TRAIN_BATCH_TOKENS=131072 TRAIN_LOG_EVERY=250 VAL_LOSS_EVERY=1000 "$@" \
+  ( cd "$w" && env SEED=1337 TRAIN_BATCH_TOKENS=131072 TTT_EPOCHS=0 TRAIN_LOG_EVERY=250 VAL_LOSS_EVERY=1000 "$@" \
     CUDA_VISIBLE_DEVICES=$gpu DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH RUN_ID=p1_$tag \
     MAX_WALLCLOCK_SECONDS=240 GRAD_ACCUM_STEPS=1 EVAL_MODE=flat PYTHONUNBUFFERED=1 timeout ${LIMIT:-540} \
     python3 train_gpt.py > "$OUT/$tag.out" 2>&1; echo "rc $?" >> "$OUT/$tag.out"; cp "logs/p1_$tag.txt" "$OUT/" 2>/dev/null )

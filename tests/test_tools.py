@@ -197,10 +197,10 @@ def test_export_sweep_variants():
 
 def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     """bench/p1_pair.sh with stand-in scripts that print the lines the table reads: one GPU and one folder per run,
-    the pair's own settings applied over the P1 command's (SEED and TRAIN_BATCH_TOKENS included), both rows in the
+    the pair's own settings applied over the P1 command's (SEED, TRAIN_BATCH_TOKENS and TTT_EPOCHS included), both rows in the
     table with the seed and step size each run logged, and the TTT score where a run has one."""
     stub = ("import json, os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
-            "'MAX_WALLCLOCK_SECONDS')), os.getcwd())\n"
+            "'MAX_WALLCLOCK_SECONDS', 'TTT_EPOCHS')), os.getcwd())\n"
             "print('hyperparameters: ' + json.dumps(dict(seed=int(os.environ['SEED']), "
             "train_batch_tokens=int(os.environ['TRAIN_BATCH_TOKENS'])), sort_keys=True))\n"
             "print('training: {s} steps in 239000ms, step_avg:{ms}ms peak_memory:13GiB')\n"
@@ -215,12 +215,13 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5"}
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"),
-                        f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=65536", f"second {tmp_path}/b.py"],
+                        f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=65536 TTT_EPOCHS=3",
+                        f"second {tmp_path}/b.py"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     first, second = ((out / f"{t}.out").read_text().split("\n")[0].split() for t in ("first", "second"))
-    assert first[1:5] == ["0", "p1_first", "x", "240"] and second[1:5] == ["1", "p1_second", "None", "240"]
-    assert first[5] != second[5] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
+    assert first[1:6] == ["0", "p1_first", "x", "240", "3"] and second[1:6] == ["1", "p1_second", "None", "240", "0"]
+    assert first[6] != second[6] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
     assert rows == [["first", "42", "65536", "54.40", "4398", "1.3649", "1.36736", "1.36470", "15694627"],
                     ["second", "1337", str(tg.Hyperparameters({}).train_batch_tokens // 8), "55.52", "4309", "1.3584", "1.36058", "-", "15900670"]]
