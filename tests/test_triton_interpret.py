@@ -1,6 +1,7 @@
 """The Triton scan kernels, run on the CPU by Triton's interpreter, against the sequential recurrence (forward and
 every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes), and
-its forward from a given state against the torch scan's; and their layouts, compiled for sm_90 on the CPU."""
+its forward from a given state against the torch scan's; the Triton conv against the torch conv; and the scan's
+layouts, compiled for sm_90 on the CPU."""
 import importlib.util
 import os
 import re
