@@ -69,9 +69,8 @@ class Hyperparameters:
         # the layers with a Mamba branch: every block by default; e.g. "0,4" or none (attention only) to ablate
         env("ssm_layers", ",".join(map(str, range(self.num_layers))), int_list)
         env("ssm_state", 4)
-        env("branch_norm", 0)  # 1: each branch's output RMS-normalised, with its own per-channel gain, before the merge
-        # sliding-window attention: each query sees its last ATTN_WINDOW tokens (0: all before it), except in the
-        # GLOBAL_LAYERS (first, middle and last by default), where the Mamba branch need not carry the long range
+        # sliding-window attention: each query sees its last ATTN_WINDOW tokens (0: all before it), leaving the
+        # longer range to the Mamba branch, except in the GLOBAL_LAYERS (first, middle and last by default)
         env("attn_window", 0)
         env("global_layers", f"0,{self.num_layers // 2},{self.num_layers - 1}", int_list)
         env("ssm_conv", 4)
@@ -815,9 +814,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
 
 class HymbaMixer(nn.Module):
     """Attention and a Mamba branch on the same normalised input, merged as w*attn + (1-w)*mamba with
-    w = sigmoid(merge_alpha) (BRANCH_NORM: each branch RMS-normalised and scaled per channel first), then one
-    shared (zero-initialised) output projection; ssm=False: attention alone; window: attention's span (0: all
-    positions before)."""
+    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection; ssm=False: attention alone;
+    window: attention's span (0: all positions before)."""
 
     def __init__(self, args: Hyperparameters, scan_fn, conv_fn, ssm: bool, window: int = 0):
         super().__init__()
@@ -850,7 +848,6 @@ class HymbaMixer(nn.Module):
             self.D_skip = nn.Parameter(torch.ones(self.d_inner))
             self.ssm_out = CastedLinear(self.d_inner, dim)
             self.merge_alpha = nn.Parameter(torch.zeros(()))
-            self.branch_gains = nn.Parameter(torch.ones(2, dim)) if args.branch_norm else None  # attention, Mamba
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None, carry: dict | None = None) -> Tensor:
@@ -899,11 +896,8 @@ class HymbaMixer(nn.Module):
         else:
             h0 = carry.get("ssm", u.new_zeros(B, self.d_inner, self.d_state, dtype=torch.float32))
             y, carry["ssm"] = selective_scan(triton_scan if u.is_cuda and triton else scan_from_state, *scan_args, h0)
-        w, y = torch.sigmoid(self.merge_alpha).to(attn.dtype), self.ssm_out(y)
-        if self.branch_gains is not None:  # the Hymba paper's merge: the two branches at the same scale
-            gains = self.branch_gains.to(attn.dtype)
-            attn, y = gains[0] * norm(attn), gains[1] * norm(y)
-        return self.out_proj(w * attn + (1 - w) * y)
+        w = torch.sigmoid(self.merge_alpha).to(attn.dtype)
+        return self.out_proj(w * attn + (1 - w) * self.ssm_out(y))
 
 
 class MLP(nn.Module):

@@ -88,27 +88,6 @@ def test_attention_window_skips_the_global_layers():
         tg.GPT(small_args(num_layers=4, ssm_layers=[], global_layers=[4]))
 
 
-@pytest.mark.parametrize("branch_norm", [0, 1])
-def test_branch_norm_makes_the_merge_blind_to_each_branchs_scale(branch_norm):
-    """BRANCH_NORM=1: scaling the values (so the attention output) or the Mamba branch's output projection leaves
-    the mixer's output as it was; without it, both change it."""
-    torch.manual_seed(0)
-    args = small_args(branch_norm=branch_norm)
-    mixer = tg.GPT(args).blocks[1].mixer.double()
-    unzero_output_projections(mixer, std=0.05)
-    x = torch.randn(2, 24, args.model_dim, dtype=torch.float64)
-    base = mixer(x)
-    kv = mixer.splits[0]
-    with torch.no_grad():
-        mixer.in_proj.weight[kv : 2 * kv] *= 7  # the values
-        scaled_attention = mixer(x)
-        mixer.ssm_out.weight *= 3
-        scaled_both = mixer(x)
-    for out in (scaled_attention, scaled_both):  # from token 1: token 0's attention output is 0 (XSA) up to rounding
-        assert torch.allclose(out[:, 1:], base[:, 1:], rtol=1e-9, atol=1e-12) == bool(branch_norm)
-    assert (mixer.branch_gains is not None) == bool(branch_norm)
-
-
 def test_ssm_layers_setting():
     assert tg.Hyperparameters({"NUM_LAYERS": "3"}).ssm_layers == [0, 1, 2]  # every block a Hymba block
     assert tg.Hyperparameters({"SSM_LAYERS": "0,4"}).ssm_layers == [0, 4]
