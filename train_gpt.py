@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -68,6 +69,10 @@ class Hyperparameters:
         # the layers with a Mamba branch: every block by default; e.g. "0,4" or none (attention only) to ablate
         env("ssm_layers", ",".join(map(str, range(self.num_layers))), int_list)
         env("ssm_state", 4)
+        # sliding-window attention: each query sees its last ATTN_WINDOW tokens (0: all before it), leaving the
+        # longer range to the Mamba branch, except in the GLOBAL_LAYERS (first, middle and last by default)
+        env("attn_window", 0)
+        env("global_layers", f"0,{self.num_layers // 2},{self.num_layers - 1}", int_list)
         env("ssm_conv", 4)
         env("ssm_dt_rank", 32)
         env("dt_min", 1e-3)
@@ -140,6 +145,7 @@ class Hyperparameters:
         need(self.train_batch_tokens % (world * self.grad_accum_steps * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must split into {world} ranks x {self.grad_accum_steps} "
              f"micro-steps of whole TRAIN_SEQ_LEN={self.train_seq_len} sequences")
+        need(self.attn_window >= 0, f"ATTN_WINDOW={self.attn_window} must be 0 (full attention) or positive")
         need(self.eval_mode in ("flat", "sliding", "stateful"),
              f"EVAL_MODE={self.eval_mode}: expected flat, sliding or stateful")
         need(self.eval_mode != "sliding" or 0 < self.eval_stride < self.eval_seq_len,
@@ -789,16 +795,34 @@ def rotary(x: Tensor, inv_freq: Tensor, offset: int = 0) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+flex_attention_compiled = torch.compile(flex_attention, dynamic=False)  # eager, it would build every score
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+    """Each query of q (B, heads, T, head_dim) attends to the last `window` positions of k and v (B, kv_heads, T,
+    head_dim), its own included; window 0: to all before it. A window runs FlexAttention's block-sparse kernel on
+    CUDA (blocks outside the band are skipped) and the same mask through SDPA elsewhere."""
+    T, gqa = q.size(-2), k.size(1) != q.size(1)
+    if not 0 < window < T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.is_cuda:
+        band = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
+        return flex_attention_compiled(q, k, v, block_mask=band, enable_gqa=gqa)
+    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < window), enable_gqa=gqa)
+
+
 class HymbaMixer(nn.Module):
     """Attention and a Mamba branch on the same normalised input, merged as w*attn + (1-w)*mamba with
-    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection; ssm=False: attention alone."""
+    w = sigmoid(merge_alpha), then one shared (zero-initialised) output projection; ssm=False: attention alone;
+    window: attention's span (0: all positions before)."""
 
-    def __init__(self, args: Hyperparameters, scan_fn, conv_fn, ssm: bool):
+    def __init__(self, args: Hyperparameters, scan_fn, conv_fn, ssm: bool, window: int = 0):
         super().__init__()
         dim, self.heads, self.kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
         if dim % self.heads or self.heads % self.kv_heads:
             raise ValueError("MODEL_DIM must divide by NUM_HEADS and NUM_HEADS by NUM_KV_HEADS")
-        self.head_dim = dim // self.heads
+        self.head_dim, self.window = dim // self.heads, window
         self.d_inner, self.d_state, self.dt_rank = args.ssm_inner if ssm else 0, args.ssm_state, args.ssm_dt_rank
         self.scan_fn, self.conv_fn = scan_fn, conv_fn
         kv_dim = self.kv_heads * self.head_dim
@@ -842,13 +866,13 @@ class HymbaMixer(nn.Module):
         gqa = self.kv_heads != self.heads
         if carry and "kv" in carry:
             (k_prev, v_prev), P = carry["kv"], carry["kv"][0].size(-2)
+            span = min(self.window or P, P)
             i, j = torch.arange(T, device=x.device)[:, None], torch.arange(P + T, device=x.device)
             attn = F.scaled_dot_product_attention(
                 rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
-                torch.cat((v_prev, v), 2), attn_mask=(j > i) & (j <= i + P), enable_gqa=gqa)
+                torch.cat((v_prev, v), 2), attn_mask=(j > i + P - span) & (j <= i + P), enable_gqa=gqa)
         else:
-            attn = F.scaled_dot_product_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v,
-                                                  is_causal=True, enable_gqa=gqa)
+            attn = causal_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, self.window)
         # XSA: drop the component of each head's output along its own token's value (that token already reaches
         # the output through the residual), so that the heads spend themselves on the other tokens.
         v_self = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
@@ -892,7 +916,8 @@ class Block(nn.Module):
 
     def __init__(self, args: Hyperparameters, scan_fn, conv_fn, layer: int):
         super().__init__()
-        self.mixer = HymbaMixer(args, scan_fn, conv_fn, ssm=layer in args.ssm_layers)
+        self.mixer = HymbaMixer(args, scan_fn, conv_fn, ssm=layer in args.ssm_layers,
+                                window=0 if layer in args.global_layers else args.attn_window)
         self.mlp = MLP(args.model_dim, args.mlp_mult)
         self.mixer_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
@@ -911,6 +936,9 @@ class GPT(nn.Module):
             raise ValueError(f"SSM_LAYERS={','.join(map(str, args.ssm_layers))} must name layers of "
                              f"0..{args.num_layers - 1} and SSM_INNER={args.ssm_inner} be positive (attention only: "
                              "SSM_LAYERS empty)")
+        if not all(0 <= i < args.num_layers for i in args.global_layers):
+            raise ValueError(f"GLOBAL_LAYERS={','.join(map(str, args.global_layers))} must name layers of "
+                             f"0..{args.num_layers - 1}")
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(args, scan_fn, conv_fn, i) for i in range(args.num_layers))

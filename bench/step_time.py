@@ -3,7 +3,8 @@ control (the same model with SSM_LAYERS empty); with --profile, where the GPU ti
 
     python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton,attention]
 Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
-model FLOPs utilisation against the bf16 matmul rate measured here. Model settings come from train_gpt.py's
+model FLOPs utilisation against the bf16 matmul rate measured here, and the first step's seconds (compile
+included: cold on a fresh machine, from the caches after). Model settings come from train_gpt.py's
 environment variables.
 """
 import argparse
@@ -22,10 +23,12 @@ import train_gpt as tg  # noqa: E402
 def flops_per_token(args) -> float:
     """Matmul FLOPs of one training token (forward + backward = 3x forward), causal attention included."""
     dim, di, kv = args.model_dim, args.ssm_inner, args.num_kv_heads * args.model_dim // args.num_heads
-    attention = dim * dim + dim * 2 * kv + dim * dim + 2 * args.train_seq_len * dim
+    T = args.train_seq_len
+    spans = [T if i in args.global_layers or not args.attn_window else min(args.attn_window, T) for i in range(args.num_layers)]
+    attention = sum(dim * dim + dim * 2 * kv + dim * dim + 2 * span * dim for span in spans)  # ATTN_WINDOW's span
     ssm = dim * 2 * di + di * (args.ssm_dt_rank + 2 * args.ssm_state) + args.ssm_dt_rank * di + di * dim
     mlp = 2 * args.mlp_mult * dim * dim
-    fwd = 2 * (args.num_layers * (attention + mlp) + len(args.ssm_layers) * ssm + args.vocab_size * dim + args.value_embed_dim * kv)
+    fwd = 2 * (attention + args.num_layers * mlp + len(args.ssm_layers) * ssm + args.vocab_size * dim + args.value_embed_dim * kv)
     return 3 * fwd
 
 
@@ -43,7 +46,7 @@ def matmul_tflops() -> float:
 
 def category(name: str) -> str:
     n = name.lower()
-    for key, cat in (("scan", "selective scan"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+    for key, cat in (("scan", "selective scan"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"), ("flex", "attention"), ("triton_tem", "attention"),
                      ("gemm", "matmul"), ("nvjet", "matmul"), ("cutlass", "matmul"), ("sm90", "matmul"),
                      ("triton", "fused elementwise (inductor)"), ("reduce", "reductions"), ("copy", "copies"),
                      ("elementwise", "eager elementwise"), ("foreach", "optimizer (foreach)")):
@@ -89,12 +92,15 @@ def main():
             t = time.perf_counter()
             step()
             torch.cuda.synchronize()
+            if i == 0:
+                first_s = time.perf_counter() - t
             if i >= a.warmup:
                 times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times)
         mfu = flops_per_token(args) * a.batch_tokens / (ms / 1e3) / (peak * 1e12)
         rows.append((impl, desc, ms, a.batch_tokens / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30, mfu))
-        print(f"{impl}: {ms:.1f} ms/step, peak {rows[-1][4]:.1f} GiB, MFU {mfu:.1%}", flush=True)
+        print(f"{impl}: {ms:.1f} ms/step, peak {rows[-1][4]:.1f} GiB, MFU {mfu:.1%}; first step (compile) "
+              f"{first_s:.1f} s", flush=True)
         if impl in a.profile.split(","):
             n = 5
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

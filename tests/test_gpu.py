@@ -1,5 +1,6 @@
 """CUDA-only checks (skipped elsewhere): mamba-ssm's kernel, the Triton kernels and the torch scan and conv agree,
-standalone and inside the model, eager and under torch.compile(fullgraph=True); GPTQ gives the CPU's integers."""
+standalone and inside the model, eager and under torch.compile(fullgraph=True); windowed attention's FlexAttention
+kernel equals a masked SDPA; GPTQ gives the CPU's integers."""
 import pytest
 import torch
 
@@ -66,9 +67,26 @@ def test_triton_conv_matches_torch(shape, dtype, tol):
     assert max(errors) < tol
 
 
+@pytest.mark.parametrize("T,window", [(2048, 256), (1000, 100)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_windowed_attention_matches_masked_sdpa(T, window, dtype, tol):
+    """FlexAttention's band (compiled in one graph, as in the model) against SDPA with the same mask in fp32."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v = (torch.randn(2, h, T, 64, device="cuda", generator=g).to(dtype) for h in (8, 4, 4))
+    dout = torch.randn_like(q)
+    i, j = torch.arange(T, device="cuda")[:, None], torch.arange(T, device="cuda")
+    band = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=(j <= i) & (i - j < window), enable_gqa=True)
+    flex = torch.compile(lambda q, k, v: tg.causal_attention(q, k, v, window), fullgraph=True, dynamic=False)
+    errors = [rel(a, b) for a, b in zip(grads(flex, (q, k, v), dout), grads(band, (q, k, v), dout))]
+    print(T, window, dtype, ["%.1e" % e for e in errors])
+    assert max(errors) < tol
+
+
 def tiny_args():
     args = tg.Hyperparameters({})
     args.num_layers, args.train_seq_len, args.ssm_layers = 2, 512, [0, 1]  # both layers exercise the scan
+    args.attn_window, args.global_layers = 128, [0]  # layer 1 attends through FlexAttention's band
     return args
 
 

@@ -62,6 +62,32 @@ def test_bad_ssm_layers_or_width_are_refused(env):
         tg.GPT(args)
 
 
+def test_attention_window_reaches_exactly_its_last_positions():
+    """With window w, output t depends on keys and values t-w+1..t only (its own included); w >= T or 0 is plain
+    causal attention; query heads share KV heads as in GQA."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 30, 8, dtype=torch.float64), *torch.randn(2, 2, 2, 30, 8, dtype=torch.float64)
+    base = tg.causal_attention(q, k, v, 5)
+    for p in (0, 12, 29):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, p] += 1
+        v2[:, :, p] -= 1
+        changed = (tg.causal_attention(q, k2, v2, 5) - base).abs().amax((0, 1, 3)) > 0
+        assert changed.tolist() == [p <= t < p + 5 for t in range(30)]
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(tg.causal_attention(q, k, v, 30), full) and torch.allclose(tg.causal_attention(q, k, v), full)
+    assert torch.allclose(tg.causal_attention(q, k, v, 1), v.repeat_interleave(2, dim=1))
+
+
+def test_attention_window_skips_the_global_layers():
+    model = tg.GPT(small_args(num_layers=4, ssm_layers=[0, 1, 2, 3], attn_window=64))
+    assert [b.mixer.window for b in model.blocks] == [0, 64, 0, 0]  # first, middle (4 // 2) and last are global
+    model = tg.GPT(small_args(num_layers=4, ssm_layers=[], attn_window=64, global_layers=[1]))
+    assert [b.mixer.window for b in model.blocks] == [64, 0, 64, 64]
+    with pytest.raises(ValueError, match="GLOBAL_LAYERS="):
+        tg.GPT(small_args(num_layers=4, ssm_layers=[], global_layers=[4]))
+
+
 def test_ssm_layers_setting():
     assert tg.Hyperparameters({"NUM_LAYERS": "3"}).ssm_layers == [0, 1, 2]  # every block a Hymba block
     assert tg.Hyperparameters({"SSM_LAYERS": "0,4"}).ssm_layers == [0, 4]
@@ -170,21 +196,22 @@ def test_fullgraph_compile_matches_eager():
 
 
 @torch.no_grad()  # the carried-state path is forward-only
-@pytest.mark.parametrize("ssm_layers", [[0, 1], [1], []])
-def test_windows_with_carried_state_equal_one_long_forward(monkeypatch, ssm_layers):
+@pytest.mark.parametrize("ssm_layers,attn_window", [([0, 1], 0), ([1], 0), ([], 0), ([0, 1], 5)])
+def test_windows_with_carried_state_equal_one_long_forward(monkeypatch, ssm_layers, attn_window):
     """Reading a sequence window by window with the carried state (SSM state, conv tail, previous window's keys)
-    gives the logits of one forward over the whole sequence whose attention sees the last W positions."""
+    gives the logits of one forward over the whole sequence whose attention sees the last W positions (or its
+    layer's shorter ATTN_WINDOW)."""
     torch.manual_seed(0)
-    model = tg.GPT(small_args(ssm_layers=ssm_layers)).double()
+    model = tg.GPT(small_args(ssm_layers=ssm_layers, attn_window=attn_window, global_layers=[0])).double()
     unzero_output_projections(model, std=0.05)
     W, T = 16, 3 * 16 + 5  # a partial last window
     x = torch.randint(0, 1024, (2, T))
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def banded(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
-        assert is_causal
         i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))
-        return sdpa(q, k, v, attn_mask=(j <= i) & (j > i - W), enable_gqa=enable_gqa)
+        mask = (j <= i) if is_causal else attn_mask
+        return sdpa(q, k, v, attn_mask=mask & (j > i - W), enable_gqa=enable_gqa)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", banded)
     reference = model(x)

@@ -240,12 +240,16 @@ def test_p1_pair_refuses_settings_that_p1_fixes(tmp_path, setting):
 @pytest.mark.parametrize("ssm_layers", [[0, 1], [1], []])
 def test_step_time_counts_the_models_matmuls(ssm_layers):
     """bench/step_time.py's FLOPs per token are 6 per weight of every linear map (the tied head included) plus
-    the attention scores, for any set of hybrid layers (its attention-only row is SSM_LAYERS empty)."""
+    the attention scores (ATTN_WINDOW keys in a windowed layer), for any set of hybrid layers (its attention-only
+    row is SSM_LAYERS empty)."""
     args = small_args(ssm_layers=ssm_layers)
     model = tg.GPT(args)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, tg.CastedLinear)) + model.tok_emb.weight.numel()
     scores = 6 * args.num_layers * 2 * args.train_seq_len * args.model_dim
     assert bench_module("step_time").flops_per_token(args) == 6 * weights + scores
+    windowed = small_args(ssm_layers=ssm_layers, attn_window=16, global_layers=[0])  # layer 1 scores 16 keys
+    scores = 6 * 2 * (args.train_seq_len + 16) * args.model_dim
+    assert bench_module("step_time").flops_per_token(windowed) == 6 * weights + scores
 
 
 def test_eval_modes_scores_an_artifact_as_the_script_did_and_with_test_time_training(dataset, tmp_path):
