@@ -116,7 +116,7 @@ def main():
             for cat, t in cats.most_common():
                 print(f"  {t:7.2f} ms  {cat}")
             print("top kernels:")
-            for name, t in kernels.most_common(40):
+            for name, t in kernels.most_common(80):
                 print(f"  {t:7.2f} ms  {name[:110]}")
         torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
