@@ -1,5 +1,6 @@
 """Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for the attention-only
-control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes.
+control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes (by kernel category, by
+kernel, and the matmuls by their operands' shapes).
 
     python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton,attention]
 Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
@@ -103,7 +104,8 @@ def main():
               f"{first_s:.1f} s", flush=True)
         if impl in a.profile.split(","):
             n = 5
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
                 for _ in range(n):
                     step()
                 torch.cuda.synchronize()
@@ -118,6 +120,10 @@ def main():
             print("top kernels:")
             for name, t in kernels.most_common(80):
                 print(f"  {t:7.2f} ms  {name[:110]}")
+            print("matmuls by operand shapes (GPU time of the kernels each launched):")
+            mms = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm")]
+            for e in sorted(mms, key=lambda e: -e.device_time_total)[:30]:
+                print(f"  {e.device_time_total / 1e3 / n:7.2f} ms  {e.count // n:3d}x  {e.key} {e.input_shapes}")
         torch.cuda.empty_cache()
     print(f"\nbf16 matmul rate measured: {peak:.0f} TFLOP/s")
     print(f"{'variant':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")
