@@ -798,6 +798,13 @@ def rotary(x: Tensor, inv_freq: Tensor, offset: int = 0) -> Tensor:
 flex_attention_compiled = torch.compile(flex_attention, dynamic=False)  # eager, it would build every score
 
 
+def band_mask(queries: int, keys: int, span: int, device) -> Tensor:
+    """Attention mask: the queries are the last positions of the keys', and each sees the last `span` keys up to its
+    own position."""
+    i, j = torch.arange(keys - queries, keys, device=device)[:, None], torch.arange(keys, device=device)
+    return (j <= i) & (j > i - span)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
     """Each query of q (B, heads, T, head_dim) attends to the last `window` positions of k and v (B, kv_heads, T,
     head_dim), its own included; window 0: to all before it. A window runs FlexAttention's block-sparse kernel on
@@ -808,8 +815,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     if q.is_cuda:
         band = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
         return flex_attention_compiled(q, k, v, block_mask=band, enable_gqa=gqa)
-    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < window), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, T, window, q.device), enable_gqa=gqa)
 
 
 class HymbaMixer(nn.Module):
@@ -866,11 +872,10 @@ class HymbaMixer(nn.Module):
         gqa = self.kv_heads != self.heads
         if carry and "kv" in carry:
             (k_prev, v_prev), P = carry["kv"], carry["kv"][0].size(-2)
-            span = min(self.window or P, P)
-            i, j = torch.arange(T, device=x.device)[:, None], torch.arange(P + T, device=x.device)
             attn = F.scaled_dot_product_attention(
                 rotary(q, self.inv_freq, P), rotary(torch.cat((k_prev, k), 2), self.inv_freq),
-                torch.cat((v_prev, v), 2), attn_mask=(j > i + P - span) & (j <= i + P), enable_gqa=gqa)
+                torch.cat((v_prev, v), 2), attn_mask=band_mask(T, P + T, min(self.window or P, P), x.device),
+                enable_gqa=gqa)
         else:
             attn = causal_attention(rotary(q, self.inv_freq), rotary(k, self.inv_freq), v, self.window)
         # XSA: drop the component of each head's output along its own token's value (that token already reaches
