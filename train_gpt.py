@@ -798,11 +798,14 @@ def rotary(x: Tensor, inv_freq: Tensor, offset: int = 0) -> Tensor:
 flex_attention_compiled = torch.compile(flex_attention, dynamic=False)  # eager, it would build every score
 
 
-def band_mask(queries: int, keys: int, span: int, device) -> Tensor:
-    """Attention mask: the queries are the last positions of the keys', and each sees the last `span` keys up to its
-    own position."""
-    i, j = torch.arange(keys - queries, keys, device=device)[:, None], torch.arange(keys, device=device)
+def in_band(i, j, span):
+    """Whether query position i sees key position j: the last `span` positions up to its own."""
     return (j <= i) & (j > i - span)
+
+
+def band_mask(queries: int, keys: int, span: int, device) -> Tensor:
+    """in_band as an attention mask, the queries being the last positions of the keys'."""
+    return in_band(torch.arange(keys - queries, keys, device=device)[:, None], torch.arange(keys, device=device), span)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
@@ -813,7 +816,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     if not 0 < window < T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q.is_cuda:
-        band = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=q.device)
+        band = create_block_mask(lambda b, h, i, j: in_band(i, j, window), None, None, T, T, device=q.device)
         return flex_attention_compiled(q, k, v, block_mask=band, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, T, window, q.device), enable_gqa=gqa)
 
