@@ -461,10 +461,10 @@ if triton is not None:
     def _load_rows(ptr, b, c, T, width, cols, m, K: tl.constexpr):
         """The chunk's K rows (batch b, time c * K + k) of a (batch, time, width) tensor at columns cols: channels
         (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past the end."""
-        rows = ()
+        rows, base = (), ptr + b * T * width + cols  # 64-bit offset once; within the sequence in 32 bits
         for k in tl.static_range(K):
             t = c * K + k
-            rows = rows + (tl.load(ptr + (b * T + t) * width + cols, mask=m & (cols * 0 + t < T), other=0.0),)
+            rows = rows + (tl.load(base + t * width, mask=m & (cols * 0 + t < T), other=0.0),)
         return rows
 
     @triton.jit
