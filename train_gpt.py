@@ -591,21 +591,39 @@ def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
-    ((b, nblk), meta), T, di, n = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1), u.size(2), A.size(0)
-    f32 = lambda *shape: torch.empty(shape, device=u.device, dtype=torch.float32)
-    du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
-    dB, dC = f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"])  # per block, summed below
-    dA, dD, dbias = f32(b, n, di), f32(b, di), f32(b, di)  # per sequence
-    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD,
-                                dbias, T, di, ckpt.size(1) - 1, nblk, EVEN=T % meta["K"] == 0, **meta)
-    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
-            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
+    """The gradients, those of A, D and the dt bias per sequence and those of B and C per block of channels (as
+    (batch, blocks, time, padded states)): _triton_scan_backward sums them, where the compiler can fuse the sums."""
+    (grid, meta), T = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads = _triton_scan_grads(u, delta, A, z)
+    _scan_bwd_kernel[grid](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD, dbias, T,
+                           u.size(2), ckpt.size(1) - 1, grid[1], EVEN=T % meta["K"] == 0, **meta)
+    return grads
 
 
-triton_scan_bwd.register_fake(_fake_grads)
-triton_scan_fwd.register_autograd(  # saved: the eight inputs, h0 (no gradient), the saved states
-    lambda ctx, dout, _: (*triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors[:8], ctx.saved_tensors[9]), None),
-    setup_context=_save_for_backward)
+@triton_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
+    return _triton_scan_grads(u, delta, A, z)
+
+
+def _triton_scan_grads(u: Tensor, delta: Tensor, A: Tensor, z: Tensor) -> ScanGrads:
+    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
+    f32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
+    T, n, di = u.size(1), A.size(0), u.size(2)
+    return (*_empty(u, delta), f32(b, n, di), f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"]), f32(b, di),
+            _empty(z)[0], f32(b, di))
+
+
+def _triton_scan_backward(ctx, dout, _):
+    """Saved: the eight inputs, h0 (no gradient), the saved states."""
+    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias,
+                                                            ckpt)
+    n = A.size(0)
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype), dC.sum(1)[..., :n].to(C.dtype), dD.sum(0), dz,
+            dbias.sum(0), None)
+
+
+triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
 
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
