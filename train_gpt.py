@@ -467,22 +467,24 @@ if triton is not None:
         return inside
 
     @triton.jit
-    def _load_rows(ptr, b, c, T, width, cols, m, K: tl.constexpr, EVEN: tl.constexpr):
-        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, width) tensor at columns cols: channels
-        (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past the end."""
-        rows, base = (), ptr + b * T * width + cols  # 64-bit offset once; within the sequence in 32 bits
+    def _load_rows(ptr, b, c, T, sb, st, cols, m, K: tl.constexpr, EVEN: tl.constexpr):
+        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, columns) tensor of strides (sb, st, 1) at
+        columns cols: channels (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past
+        the end."""
+        rows, base = (), ptr + b * sb + cols  # 64-bit offset once; within the sequence in 32 bits
         for k in tl.static_range(K):
-            rows = rows + (tl.load(base + (c * K + k) * width, mask=_in_time(m, cols, c * K + k, T, EVEN),
-                                   other=0.0),)
+            rows = rows + (tl.load(base + (c * K + k) * st, mask=_in_time(m, cols, c * K + k, T, EVEN), other=0.0),)
         return rows
 
     @triton.jit
-    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
+    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, szb, szt, d, dm, n, nm, N: tl.constexpr,
                     K: tl.constexpr, EVEN: tl.constexpr):
-        """Chunk c's u, delta, z, B and C."""
-        return (_load_rows(u_ptr, b, c, T, DI, d, dm, K, EVEN), _load_rows(delta_ptr, b, c, T, DI, d, dm, K, EVEN),
-                _load_rows(z_ptr, b, c, T, DI, d, dm, K, EVEN), _load_rows(B_ptr, b, c, T, N, n, nm, K, EVEN),
-                _load_rows(C_ptr, b, c, T, N, n, nm, K, EVEN))
+        """Chunk c's u, delta, B and C (contiguous) and z (strides szb, szt)."""
+        return (_load_rows(u_ptr, b, c, T, T * DI, DI, d, dm, K, EVEN),
+                _load_rows(delta_ptr, b, c, T, T * DI, DI, d, dm, K, EVEN),
+                _load_rows(z_ptr, b, c, T, szb, szt, d, dm, K, EVEN),
+                _load_rows(B_ptr, b, c, T, T * N, N, n, nm, K, EVEN),
+                _load_rows(C_ptr, b, c, T, T * N, N, n, nm, K, EVEN))
 
     @triton.jit
     def _softplus(x, m):
@@ -493,19 +495,19 @@ if triton is not None:
     # spread each channel's states over several threads.
     @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         T, DI, NC, szb, szt, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
                          KF: tl.constexpr, EVEN: tl.constexpr):
         """Walks chunks of KF steps, saving the state every K steps (NC states, then the final one); EVEN: the
         length is a whole number of chunks."""
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
         out, ckpt = out_ptr + b * T * DI + d, ckpt_ptr + b * (NC + 1) * N * DI + tile  # 64-bit offsets once
-        nxt, last = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, KF, EVEN), \
-            tl.cdiv(NC, KF // K) - 1
+        last = tl.cdiv(NC, KF // K) - 1
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, szb, szt, d, dm, n, nm, N, KF, EVEN)
         for c in range(last + 1):
             us, xs, zs, Bs, Cs = nxt
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, tl.minimum(c + 1, last), T, DI, d, dm, n,
-                              nm, N, KF, EVEN)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, tl.minimum(c + 1, last), T, DI, szb, szt, d, dm,
+                              n, nm, N, KF, EVEN)
             for k in tl.static_range(KF):
                 if k % K == 0:  # past the end, the state passes through unchanged: a save there is the final state
                     tl.store(ckpt + tl.minimum(c * (KF // K) + k // K, NC) * N * DI, h, mask=tm)
@@ -519,8 +521,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["DI"])
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, NBLK,
-                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr, EVEN: tl.constexpr):
+                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, szb, szt,
+                         NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         EVEN: tl.constexpr):
         b, d, n, dm, nm, tile, tm, A, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         blk, rows = tl.program_id(1), b * T * DI + d  # 64-bit offsets once, then 32-bit ones within the sequence
         dz_out, du_out, ddelta_out = dz_ptr + rows, du_ptr + rows, ddelta_ptr + rows
@@ -528,15 +531,17 @@ if triton is not None:
         ckpt = ckpt_ptr + b * (NC + 1) * N * DI + tile
         after, dA = tl.zeros((NP, BD), tl.float32), tl.zeros((NP, BD), tl.float32)  # after: a_{t+1} dL/dh_{t+1}
         dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K, EVEN) + (
-            _load_rows(dout_ptr, b, NC - 1, T, DI, d, dm, K, EVEN),)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, szb, szt, d, dm, n, nm, N, K,
+                          EVEN) + (
+            _load_rows(dout_ptr, b, NC - 1, T, T * DI, DI, d, dm, K, EVEN),)
         for cc in range(NC):
             c = NC - 1 - cc
             us, xs, zs, Bs, Cs, dos = nxt
             h = tl.load(ckpt + c * N * DI, mask=tm, other=0.0)
             prev = tl.maximum(c - 1, 0)
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, d, dm, n, nm, N, K, EVEN) + (
-                _load_rows(dout_ptr, b, prev, T, DI, d, dm, K, EVEN),)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, szb, szt, d, dm, n, nm, N, K,
+                              EVEN) + (
+                _load_rows(dout_ptr, b, prev, T, T * DI, DI, d, dm, K, EVEN),)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
             for k in tl.static_range(K):
                 t = c * K + k
@@ -578,7 +583,7 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
     kf = scan_chunks(A.size(0))[0]
     _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
-                           KF=kf, EVEN=u.size(1) % kf == 0, **meta)
+                           *z.stride()[:2], KF=kf, EVEN=u.size(1) % kf == 0, **meta)
     return out, ckpt
 
 
@@ -596,7 +601,8 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     (grid, meta), T = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1)
     du, ddelta, dA, dB, dC, dD, dz, dbias = grads = _triton_scan_grads(u, delta, A, z)
     _scan_bwd_kernel[grid](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD, dbias, T,
-                           u.size(2), ckpt.size(1) - 1, grid[1], EVEN=T % meta["K"] == 0, **meta)
+                           u.size(2), ckpt.size(1) - 1, *z.stride()[:2], grid[1],
+                           EVEN=T % meta["K"] == 0, **meta)
     return grads
 
 
@@ -630,7 +636,8 @@ def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
     """out, or (out, final state) when starting from state h0 (forward only: the state gets no gradient)."""
     c = lambda v: v.contiguous()
     start = u.new_zeros(u.size(0), A.size(1), u.size(2), dtype=torch.float32) if h0 is None else c(h0.mT)
-    out, states = triton_scan_fwd(c(u), c(delta), c(A.t()), c(B), c(C), c(D), c(z), c(delta_bias), start)
+    z = z if z.stride(2) == 1 else c(z)  # read in place, a slice of in_proj's output
+    out, states = triton_scan_fwd(c(u), c(delta), c(A.t()), c(B), c(C), c(D), z, c(delta_bias), start)
     return out if h0 is None else (out, states[:, -1].mT)
 
 
