@@ -458,22 +458,33 @@ if triton is not None:
         return b, d, n, dm, nm, tile, tm, A, A * 1.4426950408889634, Dv, bias
 
     @triton.jit
-    def _load_rows(ptr, b, c, T, width, cols, m, K: tl.constexpr):
-        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, width) tensor at columns cols: channels
-        (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past the end."""
-        rows = ()
+    def _in_time(m, cols, t, T, EVEN: tl.constexpr):
+        """Mask m where time t is inside the sequence; EVEN (the length a whole number of chunks): m itself."""
+        if EVEN:
+            inside = m
+        else:
+            inside = m & (cols * 0 + t < T)
+        return inside
+
+    @triton.jit
+    def _load_rows(ptr, b, c, T, sb, st, cols, m, K: tl.constexpr, EVEN: tl.constexpr):
+        """The chunk's K rows (batch b, time c * K + k) of a (batch, time, columns) tensor of strides (sb, st, 1) at
+        columns cols: channels (1, BD), or states (NP, 1), which every thread then holds whole. Nothing is read past
+        the end."""
+        rows, base = (), ptr + b * sb + cols  # 64-bit offset once; within the sequence in 32 bits
         for k in tl.static_range(K):
-            t = c * K + k
-            rows = rows + (tl.load(ptr + (b * T + t) * width + cols, mask=m & (cols * 0 + t < T), other=0.0),)
+            rows = rows + (tl.load(base + (c * K + k) * st, mask=_in_time(m, cols, c * K + k, T, EVEN), other=0.0),)
         return rows
 
     @triton.jit
-    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, d, dm, n, nm, N: tl.constexpr,
-                    K: tl.constexpr):
-        """Chunk c's u, delta, z, B and C."""
-        return (_load_rows(u_ptr, b, c, T, DI, d, dm, K), _load_rows(delta_ptr, b, c, T, DI, d, dm, K),
-                _load_rows(z_ptr, b, c, T, DI, d, dm, K), _load_rows(B_ptr, b, c, T, N, n, nm, K),
-                _load_rows(C_ptr, b, c, T, N, n, nm, K))
+    def _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, szb, szt, d, dm, n, nm, N: tl.constexpr,
+                    K: tl.constexpr, EVEN: tl.constexpr):
+        """Chunk c's u, delta, B and C (contiguous) and z (strides szb, szt)."""
+        return (_load_rows(u_ptr, b, c, T, T * DI, DI, d, dm, K, EVEN),
+                _load_rows(delta_ptr, b, c, T, T * DI, DI, d, dm, K, EVEN),
+                _load_rows(z_ptr, b, c, T, szb, szt, d, dm, K, EVEN),
+                _load_rows(B_ptr, b, c, T, T * N, N, n, nm, K, EVEN),
+                _load_rows(C_ptr, b, c, T, T * N, N, n, nm, K, EVEN))
 
     @triton.jit
     def _softplus(x, m):
@@ -484,69 +495,79 @@ if triton is not None:
     # spread each channel's states over several threads.
     @triton.jit(do_not_specialize=["DI"])
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                         T, DI, NC, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
-                         KF: tl.constexpr):
-        """Walks chunks of KF steps, saving the state every K steps (NC states, then the final one)."""
+                         T, DI, NC, szb, szt, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         KF: tl.constexpr, EVEN: tl.constexpr):
+        """Walks chunks of KF steps, saving the state every K steps (NC states, then the final one); EVEN: the
+        length is a whole number of chunks."""
         b, d, n, dm, nm, tile, tm, _, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
         h = tl.load(h0_ptr + b * N * DI + tile, mask=tm, other=0.0)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, d, dm, n, nm, N, KF)
-        for c in range(tl.cdiv(NC, KF // K)):
+        out, ckpt = out_ptr + b * T * DI + d, ckpt_ptr + b * (NC + 1) * N * DI + tile  # 64-bit offsets once
+        last = tl.cdiv(NC, KF // K) - 1
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, 0, T, DI, szb, szt, d, dm, n, nm, N, KF, EVEN)
+        for c in range(last + 1):
             us, xs, zs, Bs, Cs = nxt
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c + 1, T, DI, d, dm, n, nm, N, KF)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, tl.minimum(c + 1, last), T, DI, szb, szt, d, dm,
+                              n, nm, N, KF, EVEN)
             for k in tl.static_range(KF):
                 if k % K == 0:  # past the end, the state passes through unchanged: a save there is the final state
-                    tl.store(ckpt_ptr + (b * (NC + 1) + tl.minimum(c * (KF // K) + k // K, NC)) * N * DI + tile, h,
-                             mask=tm)
+                    tl.store(ckpt + tl.minimum(c * (KF // K) + k // K, NC) * N * DI, h, mask=tm)
                 t = c * KF + k
-                m, u, z = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32)
+                m, u, z = _in_time(dm, d, t, T, EVEN), us[k].to(tl.float32), zs[k].to(tl.float32)
                 dt = _softplus(xs[k].to(tl.float32) + bias, m)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
                 y = (tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u) * z * tl.sigmoid(z)
-                tl.store(out_ptr + (b * T + t) * DI + d, y.to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(ckpt_ptr + (b * (NC + 1) + NC) * N * DI + tile, h, mask=tm)
+                tl.store(out + t * DI, y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(ckpt + NC * N * DI, h, mask=tm)
 
     @triton.jit(do_not_specialize=["DI"])
     def _scan_bwd_kernel(dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,
-                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, NBLK,
-                         N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr):
+                         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, T, DI, NC, szb, szt,
+                         NBLK, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+                         EVEN: tl.constexpr):
         b, d, n, dm, nm, tile, tm, A, A2, Dv, bias = _program_setup(A_ptr, D_ptr, bias_ptr, DI, N, NP, BD)
-        blk = tl.program_id(1)
+        blk, rows = tl.program_id(1), b * T * DI + d  # 64-bit offsets once, then 32-bit ones within the sequence
+        dz_out, du_out, ddelta_out = dz_ptr + rows, du_ptr + rows, ddelta_ptr + rows
+        parts = (b * NBLK + blk) * T * NP + n  # this block's share of dB and dC, summed outside
+        ckpt = ckpt_ptr + b * (NC + 1) * N * DI + tile
         after, dA = tl.zeros((NP, BD), tl.float32), tl.zeros((NP, BD), tl.float32)  # after: a_{t+1} dL/dh_{t+1}
         dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, d, dm, n, nm, N, K) + (
-            _load_rows(dout_ptr, b, NC - 1, T, DI, d, dm, K),)
+        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, szb, szt, d, dm, n, nm, N, K,
+                          EVEN) + (
+            _load_rows(dout_ptr, b, NC - 1, T, T * DI, DI, d, dm, K, EVEN),)
         for cc in range(NC):
             c = NC - 1 - cc
             us, xs, zs, Bs, Cs, dos = nxt
-            h = tl.load(ckpt_ptr + (b * (NC + 1) + c) * N * DI + tile, mask=tm, other=0.0)
+            h = tl.load(ckpt + c * N * DI, mask=tm, other=0.0)
             prev = tl.maximum(c - 1, 0)
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, d, dm, n, nm, N, K) + (
-                _load_rows(dout_ptr, b, prev, T, DI, d, dm, K),)
+            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, szb, szt, d, dm, n, nm, N, K,
+                              EVEN) + (
+                _load_rows(dout_ptr, b, prev, T, T * DI, DI, d, dm, K, EVEN),)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
             for k in tl.static_range(K):
                 t = c * K + k
-                m, u, z, dout = dm & (d * 0 + t < T), us[k].to(tl.float32), zs[k].to(tl.float32), dos[k].to(tl.float32)
+                m, u, z, dout = _in_time(dm, d, t, T, EVEN), us[k].to(tl.float32), zs[k].to(tl.float32), \
+                    dos[k].to(tl.float32)
                 dt, sz = _softplus(xs[k].to(tl.float32) + bias, m), tl.sigmoid(z)
                 before, dts, dys = before + (h,), dts + (dt,), dys + (dout * z * sz,)
                 h = tl.exp2(dt * A2) * h + Bs[k].to(tl.float32) * (dt * u)
                 y = tl.sum(h * Cs[k].to(tl.float32), axis=0, keep_dims=True) + Dv * u
                 dz = dout * y * sz * (1 + z * (1 - sz))
-                tl.store(dz_ptr + (b * T + t) * DI + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
-                part = ((b * NBLK + blk) * T + t) * NP + n  # this block's share of dC (and dB), summed outside
-                tl.store(dC_ptr + part, tl.sum(h * dys[k], axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
+                tl.store(dz_out + t * DI, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                tl.store(dC_ptr + parts + t * NP, tl.sum(h * dys[k], axis=1, keep_dims=True),
+                         mask=_in_time(nm, n, t, T, EVEN))
             for k in tl.static_range(K - 1, -1, -1):
                 t = c * K + k
-                m, u, dt, dy = dm & (d * 0 + t < T), us[k].to(tl.float32), dts[k], dys[k]
+                m, u, dt, dy = _in_time(dm, d, t, T, EVEN), us[k].to(tl.float32), dts[k], dys[k]
                 a = tl.exp2(dt * A2)
                 g = Cs[k].to(tl.float32) * dy + after  # dL/dh_t
                 dlog_a = g * a * before[k]
                 gB = tl.sum(g * Bs[k].to(tl.float32), axis=0, keep_dims=True)
                 ddelta = (tl.sum(dlog_a * A, axis=0, keep_dims=True) + gB * u) * tl.sigmoid(xs[k].to(tl.float32) + bias)
                 ddelta = tl.where(m, ddelta, 0.0)
-                tl.store(du_ptr + (b * T + t) * DI + d, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
-                tl.store(ddelta_ptr + (b * T + t) * DI + d, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
-                part = ((b * NBLK + blk) * T + t) * NP + n
-                tl.store(dB_ptr + part, tl.sum(g * (dt * u), axis=1, keep_dims=True), mask=nm & (n * 0 + t < T))
+                tl.store(du_out + t * DI, (dy * Dv + dt * gB).to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(ddelta_out + t * DI, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m)
+                tl.store(dB_ptr + parts + t * NP, tl.sum(g * (dt * u), axis=1, keep_dims=True),
+                         mask=_in_time(nm, n, t, T, EVEN))
                 dA, dD, dbias, after = dA + dlog_a * dt, dD + dy * u, dbias + ddelta, a * g
         tl.store(dA_ptr + b * N * DI + tile, dA, mask=tm)
         tl.store(dD_ptr + b * DI + d, dD, mask=dm)
@@ -560,8 +581,9 @@ def triton_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     h0 is given as (batch, d_state, d_inner)."""
     grid, meta = _scan_launch(u, A.size(0), SCAN_WARPS[0])
     out, ckpt = _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0)
+    kf = scan_chunks(A.size(0))[0]
     _scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, h0, out, ckpt, u.size(1), u.size(2), ckpt.size(1) - 1,
-                           KF=scan_chunks(A.size(0))[0], **meta)
+                           *z.stride()[:2], KF=kf, EVEN=u.size(1) % kf == 0, **meta)
     return out, ckpt
 
 
@@ -574,28 +596,48 @@ def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
-    ((b, nblk), meta), T, di, n = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1), u.size(2), A.size(0)
-    f32 = lambda *shape: torch.empty(shape, device=u.device, dtype=torch.float32)
-    du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
-    dB, dC = f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"])  # per block, summed below
-    dA, dD, dbias = f32(b, n, di), f32(b, di), f32(b, di)  # per sequence
-    _scan_bwd_kernel[(b, nblk)](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD,
-                                dbias, T, di, ckpt.size(1) - 1, nblk, **meta)
-    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype).contiguous(),
-            dC.sum(1)[..., :n].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0))
+    """The gradients, those of A, D and the dt bias per sequence and those of B and C per block of channels (as
+    (batch, blocks, time, padded states)): _triton_scan_backward sums them, where the compiler can fuse the sums."""
+    (grid, meta), T = _scan_launch(u, A.size(0), SCAN_WARPS[1]), u.size(1)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads = _triton_scan_grads(u, delta, A, z)
+    _scan_bwd_kernel[grid](dout, u, delta, A, B, C, D, z, delta_bias, ckpt, du, ddelta, dz, dB, dC, dA, dD, dbias, T,
+                           u.size(2), ckpt.size(1) - 1, *z.stride()[:2], grid[1],
+                           EVEN=T % meta["K"] == 0, **meta)
+    return grads
 
 
-triton_scan_bwd.register_fake(_fake_grads)
-triton_scan_fwd.register_autograd(  # saved: the eight inputs, h0 (no gradient), the saved states
-    lambda ctx, dout, _: (*triton_scan_bwd(dout.contiguous(), *ctx.saved_tensors[:8], ctx.saved_tensors[9]), None),
-    setup_context=_save_for_backward)
+@triton_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
+    return _triton_scan_grads(u, delta, A, z)
+
+
+def _triton_scan_grads(u: Tensor, delta: Tensor, A: Tensor, z: Tensor) -> ScanGrads:
+    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
+    f32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
+    T, n, di = u.size(1), A.size(0), u.size(2)
+    return (*_empty(u, delta), f32(b, n, di), f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"]), f32(b, di),
+            _empty(z)[0], f32(b, di))
+
+
+def _triton_scan_backward(ctx, dout, _):
+    """Saved: the eight inputs, h0 (no gradient), the saved states."""
+    u, delta, A, B, C, D, z, delta_bias, _, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan_bwd(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias,
+                                                            ckpt)
+    n = A.size(0)
+    return (du, ddelta, dA.sum(0), dB.sum(1)[..., :n].to(B.dtype), dC.sum(1)[..., :n].to(C.dtype), dD.sum(0), dz,
+            dbias.sum(0), None)
+
+
+triton_scan_fwd.register_autograd(_triton_scan_backward, setup_context=_save_for_backward)
 
 
 def triton_scan(u, delta, A, B, C, D, z, delta_bias, h0: Tensor | None = None):
     """out, or (out, final state) when starting from state h0 (forward only: the state gets no gradient)."""
     c = lambda v: v.contiguous()
     start = u.new_zeros(u.size(0), A.size(1), u.size(2), dtype=torch.float32) if h0 is None else c(h0.mT)
-    out, states = triton_scan_fwd(c(u), c(delta), c(A.t()), c(B), c(C), c(D), c(z), c(delta_bias), start)
+    z = z if z.stride(2) == 1 else c(z)  # read in place, a slice of in_proj's output
+    out, states = triton_scan_fwd(c(u), c(delta), c(A.t()), c(B), c(C), c(D), z, c(delta_bias), start)
     return out if h0 is None else (out, states[:, -1].mT)
 
 

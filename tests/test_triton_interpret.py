@@ -1,7 +1,7 @@
 """The Triton scan kernels, run on the CPU by Triton's interpreter, against the sequential recurrence (forward and
-every gradient; several chunks, a partial last chunk, channel and state counts that leave masked lanes), and
-its forward from a given state against the torch scan's; the Triton conv against the torch conv; and the scan's
-layouts, compiled for sm_90 on the CPU."""
+every gradient; several chunks, a partial last chunk or whole chunks only, channel and state counts that leave
+masked lanes; z, B and C given as slices), and its forward from a given state against the torch scan's;
+the Triton conv against the torch conv; and the scan's layouts, compiled for sm_90 on the CPU."""
 import importlib.util
 import os
 import re
@@ -19,7 +19,7 @@ from test_scan import outputs_and_grads, random_inputs, sequential_scan
 # (steps loaded by the forward, steps x states of the backward's chunk, shape): chunks of 1 to 64 steps
 cases = [(8, 16, (1, 3, 2, 1)), (8, 16, (2, 5, 3, 7)), (8, 16, (1, 40, 8, 9)), (8, 16, (2, 33, 4, 13)),
          (4, 16, (2, 33, 4, 13)), (4, 16, (1, 40, 8, 9)), (16, 16, (2, 33, 4, 13)), (1, 1, (2, 5, 3, 7)),
-         (64, 1024, (1, 35, 16, 130))]
+         (64, 1024, (1, 35, 16, 130)), (8, 16, (2, 33, 4, 16)), (8, 16, (1, 40, 8, 24))]  # the last two: whole chunks
 for fwd_steps, step_states, shape in cases:
     tg.SCAN_FWD_STEPS, tg.SCAN_BWD_STEP_STATES = fwd_steps, step_states
     inputs = random_inputs(*shape, torch.float32, seed=sum(shape))
@@ -30,6 +30,17 @@ for fwd_steps, step_states, shape in cases:
         assert a.dtype == torch.float32 and a.shape == b.shape, (shape, name)
         assert (a.double() - b).norm() <= 2e-5 * b.norm() + 1e-30, (tg.scan_chunks(shape[2]), shape, name)
 tg.SCAN_FWD_STEPS, tg.SCAN_BWD_STEP_STATES = 8, 16
+for b, d, n, t in [(2, 33, 4, 16), (1, 6, 3, 11)]:  # z, B and C given as column slices, as in the model
+    u, delta, A, B, C, D, z, bias = random_inputs(b, d, n, t, torch.float32, seed=t)
+    dout, zw, bcw = torch.randn(b, t, d), torch.randn(b, t, d + 7), torch.randn(b, t, 2 * n + 1)
+    zw[:, :, 7:], bcw[:, :, 1 : n + 1], bcw[:, :, n + 1 :] = z, B, C
+    sliced = lambda u, delta, A, zw, bcw, D, bias: tg.triton_scan(u, delta, A, bcw[:, :, 1 : n + 1], bcw[:, :, n + 1 :],
+                                                                  D, zw[:, :, 7:], bias)
+    out, du, ddelta, dA, dzw, dbcw, dD, dbias = outputs_and_grads(sliced, [u, delta, A, zw, bcw, D, bias], dout)
+    ref = outputs_and_grads(tg.triton_scan, [u, delta, A, B, C, D, z, bias], dout)
+    ours = [out, du, ddelta, dA, dbcw[:, :, 1 : n + 1], dbcw[:, :, n + 1 :], dD, dzw[:, :, 7:], dbias]
+    assert all(torch.allclose(a, r, rtol=1e-6, atol=1e-7) for a, r in zip(ours, ref)), (b, d, n, t)
+    assert not dzw[:, :, :7].any() and not dbcw[:, :, 0].any()
 inputs = random_inputs(2, 5, 3, 7, torch.float32, seed=1)
 h0 = torch.randn(2, 5, 3)
 out, final = tg.triton_scan(*inputs, h0)
@@ -87,6 +98,7 @@ def test_forward_keeps_each_channel_in_one_thread(d_state):
 
     warps = tg.SCAN_WARPS[0]
     kf, k = tg.scan_chunks(d_state)
-    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=k, KF=kf), warps)
+    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=k, KF=kf, EVEN=True),
+                      warps)
     assert len(set(re.findall(r"#blocked\d* = ", ir))) == 1
     assert "ttg.convert_layout" not in ir and "local_alloc" not in ir
