@@ -1332,18 +1332,6 @@ def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
     return hessians
 
 
-def compress(payload: bytes) -> bytes:
-    """The smallest of lzma and (when installed) zstd, tagged with a leading byte."""
-    candidates = [b"L" + lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)]
-    try:
-        import zstandard
-
-        candidates.append(b"Z" + zstandard.ZstdCompressor(level=22).compress(payload))
-    except ImportError:
-        pass
-    return min(candidates, key=len)
-
-
 def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | None = None,
               hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
     """Tensors quantized to bits[export kind] (by GPTQ where hessians has the tensor's H, else by rounding) as a
@@ -1373,7 +1361,8 @@ def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | N
             parts += [q.numpy(), scale.numpy()]
         index.append([name, kind, list(t.shape)])
     header = json.dumps(index).encode()
-    pack = lambda: compress(len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts))
+    pack = lambda: lzma.compress(len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts),
+                                 preset=9 | lzma.PRESET_EXTREME)
     blob, zeroed = pack(), 0
     if max_bytes is None or len(blob) <= max_bytes or not ones:
         return blob, 0
@@ -1390,14 +1379,7 @@ def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | N
 
 
 def deserialize(blob: bytes) -> dict[str, Tensor]:
-    if blob[:1] == b"L":
-        payload = lzma.decompress(blob[1:])
-    elif blob[:1] == b"Z":
-        import zstandard
-
-        payload = zstandard.ZstdDecompressor().decompress(blob[1:])
-    else:
-        raise ValueError(f"unknown artifact compression tag {blob[:1]!r}")
+    payload = lzma.decompress(blob)
     n = int.from_bytes(payload[:4], "little")
     offset, state = 4 + n, {}
     for name, kind, shape in json.loads(payload[4 : 4 + n]):
@@ -1657,7 +1639,7 @@ class Run:
         self.log(f"artifact sha256:{digests[0]} (the same bytes on all {self.world} ranks)")
         total = len(blob) + code
         label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or int6/int5
-        self.log(f"Serialized model {label}+{'lzma' if blob[:1] == b'L' else 'zstd'}: {len(blob)} bytes in "
+        self.log(f"Serialized model {label}+lzma: {len(blob)} bytes in "
                  f"{time.perf_counter() - t:.1f}s")
         self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; cap {cap})")
         if total <= cap:

@@ -126,7 +126,7 @@ def test_export_round_trip_and_byte_accounting(bits):
     blob, zeroed = tg.serialize(state, bits)
     assert zeroed == 0
     import lzma, json
-    payload = lzma.decompress(blob[1:])
+    payload = lzma.decompress(blob)
     header_len = int.from_bytes(payload[:4], "little")
     body = sum(t.numel() * 2 if kinds[n] == "fp16" else t.numel() + 2 * t.size(0) for n, t in state.items())
     assert len(payload) == 4 + header_len + body
@@ -145,10 +145,10 @@ def test_export_round_trip_and_byte_accounting(bits):
             assert (q.abs().amax(1) == qmax)[t.reshape(t.size(0), -1).abs().amax(1) > 0].all()  # each row uses the range
             inside = t.abs() <= qmax * s
             assert ((r - t).abs() <= s / 2 * (1 + 1e-5))[inside].all()
-    with pytest.raises(ValueError, match="unknown artifact compression tag"):
+    with pytest.raises(lzma.LZMAError):
         tg.deserialize(b"X" + blob[1:])
     with pytest.raises(ValueError, match="trailing bytes"):
-        tg.deserialize(b"L" + lzma.compress(payload + b"\0"))
+        tg.deserialize(lzma.compress(payload + b"\0"))
 
 
 def test_export_over_budget_zeroes_the_cheapest_unit_entries_until_it_fits():
