@@ -593,6 +593,15 @@ def _fake_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0):
     return _empty(u)[0], u.new_empty(u.size(0), nc + 1, A.size(0), u.size(2), dtype=torch.float32)
 
 
+def _triton_scan_grads(u: Tensor, delta: Tensor, A: Tensor, z: Tensor) -> ScanGrads:
+    """triton_scan_bwd's outputs, empty: for the kernel to fill, and as its fake."""
+    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
+    f32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
+    T, n, di = u.size(1), A.size(0), u.size(2)
+    return (*_empty(u, delta), f32(b, n, di), f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"]), f32(b, di),
+            _empty(z)[0], f32(b, di))
+
+
 @torch.library.custom_op("hymba::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                     delta_bias: Tensor, ckpt: Tensor) -> ScanGrads:
@@ -609,14 +618,6 @@ def triton_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
 @triton_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, ckpt):
     return _triton_scan_grads(u, delta, A, z)
-
-
-def _triton_scan_grads(u: Tensor, delta: Tensor, A: Tensor, z: Tensor) -> ScanGrads:
-    (b, nblk), meta = _scan_launch(u, A.size(0), SCAN_WARPS[1])
-    f32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
-    T, n, di = u.size(1), A.size(0), u.size(2)
-    return (*_empty(u, delta), f32(b, n, di), f32(b, nblk, T, meta["NP"]), f32(b, nblk, T, meta["NP"]), f32(b, di),
-            _empty(z)[0], f32(b, di))
 
 
 def _triton_scan_backward(ctx, dout, _):
