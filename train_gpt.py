@@ -487,6 +487,13 @@ if triton is not None:
                 _load_rows(C_ptr, b, c, T, T * N, N, n, nm, K, EVEN))
 
     @triton.jit
+    def _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, b, c, T, DI, szb, szt, d, dm, n, nm,
+                        N: tl.constexpr, K: tl.constexpr, EVEN: tl.constexpr):
+        """The forward's chunk c, and dL/dout's (contiguous)."""
+        return _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, c, T, DI, szb, szt, d, dm, n, nm, N, K, EVEN) + (
+            _load_rows(dout_ptr, b, c, T, T * DI, DI, d, dm, K, EVEN),)
+
+    @triton.jit
     def _softplus(x, m):
         """dt; 0 past the end, so that the state passes through unchanged."""
         return tl.where(m, tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x))), 0.0)
@@ -531,17 +538,15 @@ if triton is not None:
         ckpt = ckpt_ptr + b * (NC + 1) * N * DI + tile
         after, dA = tl.zeros((NP, BD), tl.float32), tl.zeros((NP, BD), tl.float32)  # after: a_{t+1} dL/dh_{t+1}
         dD, dbias = tl.zeros((1, BD), tl.float32), tl.zeros((1, BD), tl.float32)
-        nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, NC - 1, T, DI, szb, szt, d, dm, n, nm, N, K,
-                          EVEN) + (
-            _load_rows(dout_ptr, b, NC - 1, T, T * DI, DI, d, dm, K, EVEN),)
+        nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, b, NC - 1, T, DI, szb, szt, d, dm, n, nm,
+                              N, K, EVEN)
         for cc in range(NC):
             c = NC - 1 - cc
             us, xs, zs, Bs, Cs, dos = nxt
             h = tl.load(ckpt + c * N * DI, mask=tm, other=0.0)
             prev = tl.maximum(c - 1, 0)
-            nxt = _load_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, b, prev, T, DI, szb, szt, d, dm, n, nm, N, K,
-                              EVEN) + (
-                _load_rows(dout_ptr, b, prev, T, T * DI, DI, d, dm, K, EVEN),)
+            nxt = _load_bwd_chunk(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, b, prev, T, DI, szb, szt, d, dm, n,
+                                  nm, N, K, EVEN)
             before, dts, dys = (), (), ()  # per step: the state entering it, dt, dL/dy
             for k in tl.static_range(K):
                 t = c * K + k
