@@ -663,7 +663,7 @@ def causal_conv_cuda(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return causal_conv1d_fn(x.transpose(1, 2), weight.to(x.dtype), bias.to(x.dtype), activation="silu").transpose(1, 2)
 
 
-CONV_TILE = (16, 64, 256)  # time steps and channels per block, time steps per program (a multiple of the block)
+CONV_TILE = (32, 64, 2048)  # time steps and channels per block, time steps per program (a multiple of the block)
 
 
 if triton is not None:
