@@ -1384,26 +1384,26 @@ def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | N
     return blob, zeroed
 
 
-def deserialize(blob: bytes) -> dict[str, Tensor]:
-    payload = lzma.decompress(blob)
+def artifact_entries(payload: bytes):
+    """(name, kind, shape, values as stored, per-row scales or None) of each tensor of a decompressed artifact."""
     n = int.from_bytes(payload[:4], "little")
-    offset, state = 4 + n, {}
-    for name, kind, shape in json.loads(payload[4 : 4 + n]):
-        numel = math.prod(shape)
-
-        def read(count, dtype):
-            nonlocal offset
-            a = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-            offset += a.nbytes
-            return torch.from_numpy(a.copy())
-
-        if kind == "fp16":
-            state[name] = read(numel, np.float16).float().view(shape)
-        else:
-            q = read(numel, np.int8).float().view(shape[0], -1)
-            state[name] = (q * read(shape[0], np.float16).float()[:, None]).view(shape)
+    offset = 4 + n
+    for name, kind, shape in json.loads(payload[4:offset]):
+        values = np.frombuffer(payload, np.float16 if kind == "fp16" else np.int8, math.prod(shape), offset)
+        scales = None if kind == "fp16" else np.frombuffer(payload, np.float16, shape[0], offset + values.nbytes)
+        offset += values.nbytes + (0 if scales is None else scales.nbytes)
+        yield name, kind, shape, values, scales
     if offset != len(payload):
         raise ValueError(f"artifact has {len(payload) - offset} trailing bytes")
+
+
+def deserialize(blob: bytes) -> dict[str, Tensor]:
+    state = {}
+    for name, kind, shape, values, scales in artifact_entries(lzma.decompress(blob)):
+        w = torch.from_numpy(values.astype(np.float32))
+        if scales is not None:
+            w = w.view(shape[0], -1) * torch.from_numpy(scales.astype(np.float32))[:, None]
+        state[name] = w.view(shape)
     return state
 
 

@@ -1,4 +1,5 @@
-"""tools/summarize.py, tools/plot.py and the bench/ scripts (export sweep, P1 pair, step time's attention-only mixer)."""
+"""tools/summarize.py, tools/plot.py and the bench/ scripts (export sweep, artifact bytes, P1 pair, step time's
+attention-only mixer)."""
 import importlib.util
 import json
 import math
@@ -267,3 +268,21 @@ def test_eval_modes_scores_an_artifact_as_the_script_did_and_with_test_time_trai
     assert bpb["flat"] == pytest.approx(float(re.search(r"final_roundtrip_flat val_loss:\S+ val_bpb:(\S+)", log).group(1)), abs=1e-6)
     assert bpb["ttt lr 0 x1 chunk 256"] == pytest.approx(bpb["flat"], abs=1e-6)  # no learning: the flat score
     assert abs(bpb["ttt lr 0.05 x2 chunk 256"] - bpb["flat"]) > 1e-4  # each setting starts from the artifact again
+
+
+def test_artifact_bytes_accounts_for_every_parameter(tmp_path):
+    """bench/artifact_bytes.py reads an artifact the script wrote: per export kind, the parameters it counts are the
+    model's, and an entropy it reports is no more than the stored bytes (int8 values: at most 1 byte each)."""
+    import torch
+
+    torch.manual_seed(0)
+    state = tg.GPT(small_args(model_dim=256)).state_dict()
+    path = tmp_path / "model.ptz"
+    path.write_bytes(tg.serialize(state, {"mixer": 6, "mlp": 6})[0])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "artifact_bytes.py"), str(path)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = {r[0]: r[1:] for r in (line.split() for line in out[2:])}
+    for kind in ("fp16", "mixer", "mlp"):
+        params = sum(t.numel() for n, t in state.items() if tg.export_kind(n, t) == kind)
+        assert int(rows[kind][0].replace(",", "")) == params, kind
+    assert float(rows["fp16"][3]) == 2.0 and 0 < float(rows["mixer"][3]) <= 1.01
