@@ -5,7 +5,7 @@
 # settings (131,072 tokens per step: one rank's share of the default 1,048,576; no test-time training), then its own
 # VAR=value ones (SEED, TRAIN_BATCH_TOKENS and TTT_EPOCHS may differ from P1's; the wallclock, the accumulation, the
 # scoring mode and the paths may not). Logs and stdout go to $OUT; a table ends the output. LIMIT: seconds a run
-# may take (540).
+# may take (540). KEEP_ARTIFACTS=1: each run's artifact goes to $OUT too, as TAG.ptz.
 set -u
 [ $# -ge 1 ] || { sed -n 2,8p "$0"; exit 2; }
 for spec in "$@"; do
@@ -21,7 +21,8 @@ run() {  # gpu tag script [VAR=value ...]
   ( cd "$w" && env SEED=1337 TRAIN_BATCH_TOKENS=131072 TTT_EPOCHS=0 TRAIN_LOG_EVERY=250 VAL_LOSS_EVERY=1000 "$@" \
     CUDA_VISIBLE_DEVICES=$gpu DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH RUN_ID=p1_$tag \
     MAX_WALLCLOCK_SECONDS=240 GRAD_ACCUM_STEPS=1 EVAL_MODE=flat PYTHONUNBUFFERED=1 timeout ${LIMIT:-540} \
-    python3 train_gpt.py > "$OUT/$tag.out" 2>&1; echo "rc $?" >> "$OUT/$tag.out"; cp "logs/p1_$tag.txt" "$OUT/" 2>/dev/null )
+    python3 train_gpt.py > "$OUT/$tag.out" 2>&1; echo "rc $?" >> "$OUT/$tag.out"; cp "logs/p1_$tag.txt" "$OUT/" 2>/dev/null
+    [ -z "${KEEP_ARTIFACTS:-}" ] || cp final_model.int6.ptz "$OUT/$tag.ptz" 2>/dev/null )
 }
 gpu=0; tags=()
 for spec in "$@"; do read -r -a a <<< "$spec"; run $gpu "${a[@]}" & tags+=("${a[0]}"); gpu=$((gpu + 1)); sleep 2; done

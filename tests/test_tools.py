@@ -199,7 +199,8 @@ def test_export_sweep_variants():
 def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     """bench/p1_pair.sh with stand-in scripts that print the lines the table reads: one GPU and one folder per run,
     the pair's own settings applied over the P1 command's (SEED, TRAIN_BATCH_TOKENS and TTT_EPOCHS included), both rows in the
-    table with the seed and step size each run logged, and the TTT score where a run has one."""
+    table with the seed and step size each run logged, the TTT score where a run has one, and each run's artifact
+    kept under its tag."""
     stub = ("import json, os\nprint('env', *(os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'RUN_ID', 'EXTRA', "
             "'MAX_WALLCLOCK_SECONDS', 'TTT_EPOCHS')), os.getcwd())\n"
             "print('hyperparameters: ' + json.dumps(dict(seed=int(os.environ['SEED']), "
@@ -208,13 +209,15 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
             "print('pre_export val_loss:2.27 val_bpb:{pre} (EMA weights)')\n"
             "print('Total submission size int6: {size} bytes (code 1 + model 2; cap 16000000)')\n"
             "print('final_roundtrip_flat val_loss:2.27 val_bpb:{bpb} eval_time:1.0s')\n{ttt}"
-            "open('logs/' + os.environ['RUN_ID'] + '.txt', 'w').write('log\\n')\n")
+            "open('logs/' + os.environ['RUN_ID'] + '.txt', 'w').write('log\\n')\n"
+            "open('final_model.int6.ptz', 'wb').write(os.environ['RUN_ID'].encode())\n")
     for name, vals in (("a.py", dict(s=4398, ms="54.40", pre=1.3649, size=15694627, bpb=1.36736,
                                    ttt="print('final_roundtrip_flat_ttt val_loss:2.26 val_bpb:1.36470 eval_time:9.0s')\n")),
                        ("b.py", dict(s=4309, ms="55.52", pre=1.3584, size=15900670, bpb=1.36058, ttt=""))):
         (tmp_path / name).write_text(stub.format(**vals))
     out = tmp_path / "out"
-    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5"}
+    env = {**os.environ, "DATA_PATH": str(tmp_path), "TOKENIZER_PATH": str(tmp_path / "a.py"), "OUT": str(out), "SEED": "5",
+           "KEEP_ARTIFACTS": "1"}
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "p1_pair.sh"),
                         f"first {tmp_path}/a.py EXTRA=x SEED=42 TRAIN_BATCH_TOKENS=65536 TTT_EPOCHS=3",
                         f"second {tmp_path}/b.py"],
@@ -223,6 +226,7 @@ def test_p1_pair_runs_each_script_on_its_own_gpu_and_tabulates_both(tmp_path):
     first, second = ((out / f"{t}.out").read_text().split("\n")[0].split() for t in ("first", "second"))
     assert first[1:6] == ["0", "p1_first", "x", "240", "3"] and second[1:6] == ["1", "p1_second", "None", "240", "0"]
     assert first[6] != second[6] and (out / "p1_first.txt").exists() and (out / "p1_second.txt").exists()
+    assert (out / "first.ptz").read_bytes() == b"p1_first" and (out / "second.ptz").read_bytes() == b"p1_second"
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("first", "second"))]
     assert rows == [["first", "42", "65536", "54.40", "4398", "1.3649", "1.36736", "1.36470", "15694627"],
                     ["second", "1337", str(tg.Hyperparameters({}).train_batch_tokens // 8), "55.52", "4309", "1.3584", "1.36058", "-", "15900670"]]
