@@ -1,5 +1,5 @@
 """Where an artifact's bytes go: per export kind, the parameters, the bytes lzma gives them (each kind compressed
-alone, as the script compresses), and the order-0 entropy of the quantized values (the bytes an ideal coder of
+alone, with the script's settings), and the order-0 entropy of the quantized values (the bytes an ideal coder of
 each matrix's own histogram would need), so that the lzma overhead and the values' own entropy separate.
 
     python3 bench/artifact_bytes.py final_model.int6.ptz [...]
@@ -42,8 +42,8 @@ def synthetic(rows: int = 512, cols: int = 1536, matrices: int = 8, seed: int = 
     """int6 matrices quantized by the script's per-row rounding (no GPTQ), rows of different scales."""
     g = torch.Generator().manual_seed(seed)
     draws = {"gaussian": lambda: torch.randn(rows, cols, generator=g),
-             "laplace": lambda: torch.log(torch.rand(rows, cols, generator=g)) * torch.sign(torch.rand(rows, cols,
-                                                                                                   generator=g) - 0.5),
+             "laplace": lambda: torch.log1p(-torch.rand(rows, cols, generator=g)) * torch.sign(
+                 torch.rand(rows, cols, generator=g) - 0.5),
              "student-t(4)": lambda: torch.randn(rows, cols, generator=g) / torch.sqrt(
                  torch.randn(rows, cols, 4, generator=g).square().mean(-1))}
     for name, draw in draws.items():
