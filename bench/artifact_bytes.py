@@ -3,7 +3,7 @@ alone, with the script's settings), and the order-0 entropy of the quantized val
 each matrix's own histogram would need), so that the lzma overhead and the values' own entropy separate.
 
     python3 bench/artifact_bytes.py final_model.int6.ptz [...]
-    python3 bench/artifact_bytes.py --synthetic     # int6 rows of Gaussian, Laplace and Student-t(4) weights
+    python3 bench/artifact_bytes.py --synthetic [--bits 6 5]  # rows of Gaussian, Laplace and Student-t(4) weights
 """
 import argparse
 import lzma
@@ -38,8 +38,8 @@ def report(label: str, tensors) -> None:
               f"{k['entropy'] / k['params']:16.4f} {packed / k['entropy']:13.4f}")
 
 
-def synthetic(rows: int = 512, cols: int = 1536, matrices: int = 8, seed: int = 0):
-    """int6 matrices quantized by the script's per-row rounding (no GPTQ), rows of different scales."""
+def synthetic(bits: int, rows: int = 512, cols: int = 1536, matrices: int = 8, seed: int = 0):
+    """Matrices quantized to `bits` by the script's per-row rounding (no GPTQ), rows of different scales."""
     g = torch.Generator().manual_seed(seed)
     draws = {"gaussian": lambda: torch.randn(rows, cols, generator=g),
              "laplace": lambda: torch.log1p(-torch.rand(rows, cols, generator=g)) * torch.sign(
@@ -50,7 +50,7 @@ def synthetic(rows: int = 512, cols: int = 1536, matrices: int = 8, seed: int = 
         tensors = []
         for i in range(matrices):
             w = draw() * (0.5 + torch.rand(rows, 1, generator=g))
-            q, s = tg.quantize_rows(w, 31)
+            q, s = tg.quantize_rows(w, 2 ** (bits - 1) - 1)
             tensors.append((f"{name}.{i}", "mixer", (rows, cols), q.numpy(), s.numpy()))
         yield name, tensors
 
@@ -59,15 +59,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts", nargs="*")
     p.add_argument("--synthetic", action="store_true")
+    p.add_argument("--bits", type=int, nargs="*", default=[6], help="--synthetic's bit widths")
     a = p.parse_args()
     if not a.artifacts and not a.synthetic:
         p.error("give artifacts or --synthetic")
     for path in a.artifacts:
         with open(path, "rb") as f:
             report(f"{path}: {os.path.getsize(path):,} bytes", tg.artifact_entries(lzma.decompress(f.read())))
-    if a.synthetic:
-        for name, tensors in synthetic():
-            report(f"synthetic int6, {name} weights", tensors)
+    for bits in a.bits if a.synthetic else []:
+        for name, tensors in synthetic(bits):
+            report(f"synthetic int{bits}, {name} weights", tensors)
 
 
 if __name__ == "__main__":
