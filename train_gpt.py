@@ -1338,6 +1338,10 @@ def collect_hessians(model: nn.Module, batches) -> dict[str, Tensor]:
     return hessians
 
 
+def compress(payload: bytes) -> bytes:
+    return lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
+
+
 def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | None = None,
               hessians: dict[str, Tensor] | None = None) -> tuple[bytes, int]:
     """Tensors quantized to bits[export kind] (by GPTQ where hessians has the tensor's H, else by rounding) as a
@@ -1367,8 +1371,7 @@ def serialize(state: dict[str, Tensor], bits: dict[str, int], max_bytes: int | N
             parts += [q.numpy(), scale.numpy()]
         index.append([name, kind, list(t.shape)])
     header = json.dumps(index).encode()
-    pack = lambda: lzma.compress(len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts),
-                                 preset=9 | lzma.PRESET_EXTREME)
+    pack = lambda: compress(len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts))
     blob, zeroed = pack(), 0
     if max_bytes is None or len(blob) <= max_bytes or not ones:
         return blob, 0

@@ -33,7 +33,7 @@ def report(label: str, tensors) -> None:
     print(f"{label}\n{'kind':8} {'params':>11} {'lzma bytes':>11} {'B/param':>8} {'entropy B/param':>16} "
           f"{'lzma/entropy':>13}")
     for kind, k in sorted(kinds.items()):
-        packed = len(lzma.compress(b"".join(k["raw"]), preset=9 | lzma.PRESET_EXTREME))
+        packed = len(tg.compress(b"".join(k["raw"])))
         print(f"{kind:8} {k['params']:11,} {packed:11,} {packed / k['params']:8.4f} "
               f"{k['entropy'] / k['params']:16.4f} {packed / k['entropy']:13.4f}")
 
