@@ -106,9 +106,9 @@ class Hyperparameters:
         env("ema_decay", 0.997)
         # evaluation and export
         env("eval_seq_len", self.train_seq_len)
-        env("eval_mode", "sliding")  # flat | sliding | stateful: how the final score is taken
+        env("eval_mode", "stateful")  # flat | sliding | stateful: how the final score is taken
         env("eval_stride", 64)  # sliding windows' stride
-        env("ttt_epochs", 3)  # score-first test-time training after the scoring; 0: none
+        env("ttt_epochs", 0)  # score-first test-time training after flat or sliding scoring; 0: none
         env("ttt_lr", 0.02)
         env("ttt_chunk_tokens", 32768)
         env("val_batch_tokens", 524288)
