@@ -100,6 +100,26 @@ def test_stateful_scorer_equals_sliding_and_flat_when_one_window_covers_the_spli
         assert other == pytest.approx(flat, rel=1e-6)
 
 
+def test_stateful_score_does_not_depend_on_the_world_size(dataset, monkeypatch):
+    """The default scorer: two ranks with 3 streams each read the same 6 streams as one process with 6, so the sums
+    they all-reduce equal its sums (here each rank's sums are caught before the all-reduce and added)."""
+    data, tokenizer = dataset
+    luts = tg.byte_luts(spm.SentencePieceProcessor(model_file=tokenizer), "cpu")
+    val = tg.load_validation_tokens(os.path.join(data, "fineweb_val_*.bin"), 1024, 64)[:1500]
+    torch.manual_seed(0)
+    model = tg.GPT(small_args())
+    unzero_output_projections(model, std=0.05)
+    caught = []
+    monkeypatch.setattr(tg, "_reduce_scores", lambda sums, world: caught.append(sums) or (0.0, 0.0))
+    tg.evaluate_stateful(model, tg.ValSplit(val, luts, seq_len=64, batch_seqs=6))
+    for rank in (0, 1):
+        tg.evaluate_stateful(model, tg.ValSplit(val, luts, seq_len=64, batch_seqs=3, rank=rank, world=2))
+    one, *two = caught
+    assert one[1] == val.numel() - 1 and one[1:].tolist() == (two[0] + two[1])[1:].tolist()
+    assert (two[0] + two[1])[0].item() == pytest.approx(one[0].item(), rel=1e-5)
+    assert two[0][1] > 0 and two[1][1] > 0
+
+
 class Recorder(torch.nn.Module):
     """A model that logs each call: ("score" | "train", the window starts of its rows, read off unique tokens)."""
 
