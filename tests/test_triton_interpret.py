@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from kernel_resources import compile_sm90
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -70,24 +71,6 @@ def test_triton_scan_in_the_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def _sm90_ttgir(fn, constants: dict, warps: int) -> str:
-    """The kernel's Triton GPU IR for an H100/H200, with what a launch specialises on: every pointer 16-byte aligned,
-    every integer a multiple of 16, except the arguments the kernel marks do_not_specialize."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names, fp32 = fn.arg_names, {"A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "ckpt_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
-                                 "dD_ptr", "dbias_ptr"}
-    kind = lambda n: ("constexpr" if n in constants else "*fp32" if n in fp32 else "*bf16" if n.endswith("_ptr")
-                      else "i32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constants and n not in fn.do_not_specialize}
-    src = ASTSource(fn, {n: kind(n) for n in names}, constexprs={(names.index(k),): v for k, v in constants.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ttgir"]
-
-
 @pytest.mark.parametrize("d_state", [4, 8])
 def test_forward_keeps_each_channel_in_one_thread(d_state):
     """One layout for every tile of the forward, so no layout conversion or shared memory: Triton picks layouts from
@@ -98,7 +81,20 @@ def test_forward_keeps_each_channel_in_one_thread(d_state):
 
     warps = tg.SCAN_WARPS[0]
     kf, k = tg.scan_chunks(d_state)
-    ir = _sm90_ttgir(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=k, KF=kf, EVEN=True),
-                      warps)
+    ir = compile_sm90(tg._scan_fwd_kernel, dict(N=d_state, NP=d_state, BD=32 * warps, K=k, KF=kf, EVEN=True),
+                      warps).asm["ttgir"]
     assert len(set(re.findall(r"#blocked\d* = ", ir))) == 1
     assert "ttg.convert_layout" not in ir and "local_alloc" not in ir
+
+
+def test_kernel_resources_reports_every_kernel():
+    """tools/kernel_resources.py compiles each kernel for sm_90 on the CPU and reads its registers and its main loop
+    from the cubin."""
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "kernel_resources.py")
+    out = subprocess.run([sys.executable, tool, "--states", "4"], capture_output=True, text=True, timeout=600,
+                         check=True).stdout.splitlines()
+    rows = [line.rsplit(None, 7) for line in out[1:]]
+    assert [r[0] for r in rows] == ["conv forward, tile 32:64:2048", "conv backward, tile 32:64:2048",
+                                    "scan forward, state 4", "scan backward, state 4"]
+    assert all(0 < int(r[2]) <= 255 and int(r[5]) > 0 and int(r[6]) > 0 for r in rows)
+    assert [int(r[7]) > 0 for r in rows] == [False] * 3 + [True]  # only the scan backward sums across lanes
