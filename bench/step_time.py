@@ -1,6 +1,6 @@
 """Training-step time and peak memory on one GPU (synthetic tokens), per scan backend and for the attention-only
 control (the same model with SSM_LAYERS empty); with --profile, where the GPU time goes (by kernel category, by
-kernel, and the matmuls by their operands' shapes).
+kernel, and the matmuls by their operands' shapes), and with two variants profiled, the difference per category.
 
     python3 bench/step_time.py [--steps 60] [--impls triton,mamba_ssm,attention] [--profile triton,attention]
 Prints one row per variant: median ms/step over the timed steps (after compile and warm-up), tokens/s, peak GiB,
@@ -56,6 +56,17 @@ def category(name: str) -> str:
     return "other"
 
 
+def gpu_times(events, steps: int) -> tuple[collections.Counter, collections.Counter]:
+    """ms per step on the GPU by kernel and by category. Annotated ranges (Inductor's "## Call CompiledFxGraph ##",
+    "Optimizer.step#...") are not kernels: they span the kernels they launch and would count them twice."""
+    kernels, cats = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
+            kernels[e.name] += e.device_time / 1e3 / steps
+            cats[category(e.name)] += e.device_time / 1e3 / steps
+    return kernels, cats
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60)
@@ -67,7 +78,7 @@ def main():
     args = tg.Hyperparameters()
     hybrid_layers = args.ssm_layers
     peak = matmul_tflops()
-    rows = []
+    rows, profiles = [], {}
     for impl in a.impls.split(","):
         args.ssm_layers = [] if impl == "attention" else hybrid_layers
         torch.manual_seed(0)
@@ -109,11 +120,8 @@ def main():
                 for _ in range(n):
                     step()
                 torch.cuda.synchronize()
-            kernels, cats = collections.Counter(), collections.Counter()
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    kernels[e.name] += e.device_time / 1e3 / n
-                    cats[category(e.name)] += e.device_time / 1e3 / n
+            kernels, cats = gpu_times(prof.events(), n)
+            profiles[impl] = cats
             print(f"\nprofile of {impl}: GPU kernel time per step {sum(cats.values()):.1f} ms (wall {ms:.1f} ms)")
             for cat, t in cats.most_common():
                 print(f"  {t:7.2f} ms  {cat}")
@@ -129,6 +137,12 @@ def main():
     print(f"{'variant':<10} {'ms/step':>8} {'Mtok/s':>7} {'peak GiB':>8} {'MFU':>6}  backends")
     for impl, desc, ms, tps, mem, mfu in rows:
         print(f"{impl:<10} {ms:8.1f} {tps:7.3f} {mem:8.1f} {mfu:6.1%}  {desc}")
+    if len(profiles) > 1:  # where one variant's extra time goes, category by category
+        names = list(profiles)
+        print(f"\n{'GPU ms per step':<30}{''.join(f'{n:>12}' for n in names)}{names[0] + ' - ' + names[-1]:>24}")
+        for cat in sorted(set().union(*profiles.values()), key=lambda c: -profiles[names[0]][c]):
+            cells = "".join(f"{profiles[n][cat]:12.2f}" for n in names)
+            print(f"{cat:<30}{cells}{profiles[names[0]][cat] - profiles[names[-1]][cat]:+24.2f}")
 
 
 if __name__ == "__main__":

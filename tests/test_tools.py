@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -255,6 +256,21 @@ def test_step_time_counts_the_models_matmuls(ssm_layers):
     windowed = small_args(ssm_layers=ssm_layers, attn_window=16, global_layers=[0])  # layer 1 scores 16 keys
     scores = 6 * 2 * (args.train_seq_len + 16) * args.model_dim
     assert bench_module("step_time").flops_per_token(windowed) == 6 * weights + scores
+
+
+def test_step_time_profile_counts_kernels_not_the_ranges_around_them():
+    """Inductor's and the optimizer's annotated ranges span the kernels they launch: counting them too doubled the
+    GPU time of a step. CPU events do not count; times are per profiled step."""
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda name, us, device=cuda, annotation=False: types.SimpleNamespace(
+        name=name, device_time=us, device_type=device, is_user_annotation=annotation)
+    events = [event("## Call CompiledFxGraph abc ##", 9000, annotation=True), event("_scan_fwd_kernel", 2000),
+              event("nvjet_sm90_tst_256x128", 3000), event("_scan_bwd_kernel", 4000),
+              event("Optimizer.step#Muon.step", 5000, annotation=True), event("aten::mm", 7000, device=cpu)]
+    kernels, cats = bench_module("step_time").gpu_times(events, steps=2)
+    assert cats == {"selective scan": 3.0, "matmul": 1.5} and sum(kernels.values()) == 4.5
 
 
 def test_eval_modes_scores_an_artifact_as_the_script_did_and_with_test_time_training(dataset, tmp_path):
