@@ -1648,8 +1648,7 @@ class Run:
         self.log(f"artifact sha256:{digests[0]} (the same bytes on all {self.world} ranks)")
         total = len(blob) + code
         label = "/".join(dict.fromkeys(f"int{b}" for b in (args.mixer_bits, args.mlp_bits)))  # int6, or int6/int5
-        self.log(f"Serialized model {label}+lzma: {len(blob)} bytes in "
-                 f"{time.perf_counter() - t:.1f}s")
+        self.log(f"Serialized model {label}+lzma: {len(blob)} bytes in {time.perf_counter() - t:.1f}s")
         self.log(f"Total submission size {label}: {total} bytes (code {code} + model {len(blob)}; cap {cap})")
         if total <= cap:
             return blob, 0
