@@ -15,13 +15,14 @@ import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "ckpt_ptr", "dB_ptr", "dC_ptr",
-                 "dA_ptr", "dD_ptr", "dbias_ptr", "w_ptr", "dw_ptr"}
+FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "ckpt_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr",
+                 "dbias_ptr", "w_ptr", "dw_ptr"}
 
 
 def compile_sm90(fn, constants: dict, warps: int):
     """The kernel compiled as a launch would specialise it: every pointer 16-byte aligned, every integer a multiple
-    of 16, except the arguments the kernel marks do_not_specialize; the scan's fp32 tensors as fp32, the rest bf16."""
+    of 16, except the arguments the kernel marks do_not_specialize; the tensors the script passes in fp32 (the scan's
+    A, D, dt bias, states and gradient partials; the conv's weight and bias) as fp32, the rest bf16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
